@@ -60,6 +60,17 @@ impl Client {
         }
     }
 
+    /// Send raw request bytes (for malformed input: non-UTF-8 header values,
+    /// odd framing) on a fresh connection and read one response.
+    pub fn raw(&mut self, request: &[u8]) -> std::io::Result<Response> {
+        self.conn = None;
+        let s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut conn = BufReader::new(s);
+        conn.get_mut().write_all(request)?;
+        read_response(&mut conn, false)
+    }
+
     pub fn try_request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
         if self.conn.is_none() {
             let s = TcpStream::connect(("127.0.0.1", self.port))?;

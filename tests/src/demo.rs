@@ -41,16 +41,22 @@ pub fn consistent_hash() -> Result<Section, String> {
     lines.push(String::new());
     lines.push("try:".into());
     lines.push(format!("  curl -s -H 'x-user-id: alice' http://127.0.0.1:{port}/ | head -c 300; echo   # always the same replica"));
-    lines.push(format!("  for u in a b c d e f; do curl -s -o /dev/null -w \"$u %{{header_json}}\\n\" -H \"x-user-id: $u\" http://127.0.0.1:{port}/ | grep -o '\"x-replica\":\\[\"[^\"]*'; done"));
+    lines.push(format!("  for u in a b c d e f; do curl -s -o /dev/null -D - -H \"x-user-id: $u\" http://127.0.0.1:{port}/ | grep -i x-replica; done"));
     lines.push(format!("  curl -si http://127.0.0.1:{port}/ | grep -i -E 'set-cookie|x-replica'   # a new session cookie"));
     lines.push(format!("  curl -s -H 'x-user-id: alice' -H 'x-session-hash: forged' http://127.0.0.1:{port}/ | grep -o '\"x-session-hash\":\"[^\"]*'   # overwritten"));
     lines.push(format!("  curl -s http://127.0.0.1:{}/stats | grep consistent_hash", envoy.admin_port));
     Ok(Section { title: "Session-tracked service (consistent-hash filter, Envoy maglev)", lines, _envoy: envoy, _upstreams: ups })
 }
 
+/// A function that starts one section.
+pub type SectionFn = fn() -> Result<Section, String>;
+
 /// Start every section. Errors name the section that failed.
 pub fn start_all() -> Result<Vec<Section>, String> {
-    let builders: Vec<(&str, fn() -> Result<Section, String>)> = vec![("consistent-hash", consistent_hash)];
+    let builders: Vec<(&str, SectionFn)> = vec![
+        ("consistent-hash", consistent_hash),
+        // one line per pattern: ("name", function),
+    ];
     builders.into_iter().map(|(name, f)| f().map_err(|e| format!("{name}: {e}"))).collect()
 }
 
@@ -64,11 +70,19 @@ pub fn run(hold: Option<Duration>) -> Result<(), String> {
         }
     }
     println!("\nEverything is running. Press Ctrl-C to stop.");
-    match hold {
-        Some(d) => std::thread::sleep(d),
-        None => loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        },
-    }
+    // Ctrl-C (SIGINT) or SIGTERM ends the wait; returning drops every section,
+    // which stops its Envoy and upstream servers.
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    let _ = match hold {
+        Some(d) => rx.recv_timeout(d).ok(),
+        None => rx.recv().ok(),
+    };
+    println!("stopping ...");
+    drop(sections);
+    println!("stopped.");
     Ok(())
 }

@@ -181,8 +181,14 @@ fn serve(stream: TcpStream, view: UpstreamView, handler: Handler) {
     let Ok(write_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     let mut writer = write_half;
+    serve_requests(&mut reader, &mut writer, &view, &handler);
+    // The acceptor keeps a clone of every socket for stop(); close explicitly.
+    let _ = writer.shutdown(Shutdown::Both);
+}
+
+fn serve_requests(reader: &mut BufReader<TcpStream>, writer: &mut TcpStream, view: &UpstreamView, handler: &Handler) {
     loop {
-        let Some(req) = read_request(&mut reader) else { return };
+        let Some(req) = read_request(reader) else { return };
         if view.shared.stopped.load(Ordering::SeqCst) {
             return;
         }
@@ -214,20 +220,23 @@ fn serve(stream: TcpStream, view: UpstreamView, handler: Handler) {
     }
 }
 
-fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if r.read_line(&mut line).ok()? == 0 {
+/// One line, with bytes that are not UTF-8 replaced (clients may send them).
+fn read_line_lossy(r: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut buf = Vec::new();
+    if r.read_until(b'\n', &mut buf).ok()? == 0 {
         return None;
     }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+    let line = read_line_lossy(r)?;
     let mut parts = line.split_whitespace();
     let method = parts.next()?.to_string();
     let path = parts.next()?.to_string();
     let mut headers = Vec::new();
     loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).ok()? == 0 {
-            return None;
-        }
+        let h = read_line_lossy(r)?;
         let h = h.trim_end();
         if h.is_empty() {
             break;

@@ -250,13 +250,13 @@ pub fn client_address(req: &dyn RequestView, trusted_hops: usize) -> Option<Stri
         return peer;
     }
     let xff = req.header("x-forwarded-for").unwrap_or_default();
-    let mut list: Vec<&str> = xff.split(',').map(|s| strip_port(s)).filter(|s| !s.is_empty()).collect();
+    let mut list: Vec<&str> = xff.split(',').map(strip_port).filter(|s| !s.is_empty()).collect();
     if let Some(p) = peer.as_deref() {
         if list.last() != Some(&p) {
             list.push(p);
         }
     }
-    let idx = list.len().checked_sub(1 + trusted_hops).unwrap_or(0);
+    let idx = list.len().saturating_sub(1 + trusted_hops);
     list.get(idx).map(|s| s.to_string())
 }
 

@@ -4,7 +4,12 @@
 //! filter's `logic` module); this crate is the thin layer that talks to Envoy.
 //! Everything here calls `proxy_wasm::hostcalls` directly and turns a failed
 //! hostcall into a logged, ignored error: the SDK's context trait methods
-//! `unwrap()` hostcall results, and a panic kills the worker's VM.
+//! `unwrap()` hostcall results, and a panic kills the worker's VM. Per-request
+//! calls (headers, properties, local replies) go through [`abi`], which never
+//! panics, instead of the SDK's `hostcalls`, which panic on unexpected
+//! statuses and on header values that are not UTF-8.
+
+pub mod abi;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,8 +56,10 @@ where
 pub struct HostRequest;
 
 impl RequestView for HostRequest {
+    /// Header bytes that are not UTF-8 are replaced with U+FFFD: the same
+    /// bytes always give the same key, and nothing panics.
     fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+        abi::get_header(MapType::HttpRequestHeaders, name).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
     }
     fn source_address(&self) -> Option<String> {
         property_string(&["source", "address"])
@@ -61,54 +68,56 @@ impl RequestView for HostRequest {
 
 /// A property as UTF-8 text (`["source", "address"]`, `["xds", "cluster_name"]`).
 pub fn property_string(path: &[&str]) -> Option<String> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+    let bytes = abi::get_property(path).ok().flatten()?;
     String::from_utf8(bytes).ok()
 }
 
 /// Set a request header, replacing every client-sent copy.
 pub fn set_request_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
-        warn!("cannot set request header {name}: {s:?}");
+    if let Err(s) = abi::replace_header(MapType::HttpRequestHeaders, name, value) {
+        warn!("cannot set request header {name}: status {s}");
     }
 }
 
 /// Remove a request header (every copy).
 pub fn remove_request_header(name: &str) {
-    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+    if let Err(s) = abi::remove_header(MapType::HttpRequestHeaders, name) {
+        warn!("cannot remove request header {name}: status {s}");
+    }
 }
 
 /// Append a response header (keeps existing copies; right for `set-cookie`).
 pub fn add_response_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value) {
-        warn!("cannot add response header {name}: {s:?}");
+    if let Err(s) = abi::add_header(MapType::HttpResponseHeaders, name, value) {
+        warn!("cannot add response header {name}: status {s}");
     }
 }
 
 /// Set a response header, replacing copies the upstream sent.
 pub fn set_response_header(name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)) {
-        warn!("cannot set response header {name}: {s:?}");
+    if let Err(s) = abi::replace_header(MapType::HttpResponseHeaders, name, value) {
+        warn!("cannot set response header {name}: status {s}");
     }
 }
 
 /// Record a decision in filter state: `name` becomes `wasm.<name>`, printable
 /// in access logs as `%FILTER_STATE(wasm.<name>:PLAIN)%`.
 pub fn set_filter_state(name: &str, value: &str) {
-    if let Err(s) = hostcalls::set_property(vec![name], Some(value.as_bytes())) {
-        warn!("cannot set filter state {name}: {s:?}");
+    if let Err(s) = abi::set_property(&[name], value.as_bytes()) {
+        warn!("cannot set filter state {name}: status {s}");
     }
 }
 
 /// Ask Envoy to pick the route again after a routing header changed. Envoy
 /// 1.40 does this by itself; older Envoys need it. Missing function: ignored.
 pub fn clear_route_cache() {
-    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+    let _ = abi::call_foreign_function("clear_route_cache");
 }
 
 /// Send a local reply.
 pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) {
-    if let Err(s) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
-        error!("cannot send local reply {status}: {s:?}");
+    if let Err(s) = abi::send_local_response(status, "meshpatterns", headers, body) {
+        error!("cannot send local reply {status}: status {s}");
     }
 }
 
