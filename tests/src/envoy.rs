@@ -248,6 +248,21 @@ impl Envoy {
         stats.get(name).or_else(|| stats.get(&format!("wasmcustom.{name}"))).copied().unwrap_or(0)
     }
 
+    /// Wait until stat `name` reaches exactly `value` (filters flush batched
+    /// counters periodically), panicking with the last value seen.
+    pub fn wait_stat(&self, name: &str, value: u64) {
+        let mut last = 0;
+        let ok = (0..200).any(|_| {
+            last = self.stat(name);
+            if last == value {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        });
+        assert!(ok, "stat {name} is {last}, expected {value}");
+    }
+
     /// Health of each host in `cluster`: `(address, healthy)` from `/clusters`.
     pub fn hosts(&self, cluster: &str) -> Vec<(String, bool)> {
         let prefix = format!("{cluster}::");

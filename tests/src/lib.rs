@@ -14,11 +14,19 @@
 //! admin API; every process is stopped when its handle drops; when a test
 //! panics, Envoy's log is printed.
 
+pub mod access_log;
 pub mod client;
 pub mod demo;
 pub mod envoy;
+pub mod filters;
+pub mod fixtures;
+pub mod load;
+pub mod origin;
 pub mod paths;
+pub mod redis;
+pub mod tls;
 pub mod upstream;
+pub mod xds;
 
 pub use client::{Client, Response};
 pub use envoy::{Envoy, EnvoyBuilder};

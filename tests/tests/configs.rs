@@ -20,6 +20,8 @@ fn every_envoy_config_validates() {
             let key = part.split("}}").next().unwrap().trim();
             if let Some(cluster) = key.strip_prefix("ENDPOINTS_") {
                 b = b.endpoint_ports(cluster, &[1, 2, 3]);
+            } else if let Some(dir) = meshpatterns_tests::fixtures::placeholder(key) {
+                b = b.var(key, dir);
             }
         }
         if let Err(out) = b.validate() {

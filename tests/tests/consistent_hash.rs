@@ -36,7 +36,7 @@ fn same_session_lands_on_same_replica_over_1000_requests() {
         *seen.entry(r.replica().to_string()).or_default() += 1;
     }
     assert_eq!(seen.len(), 1, "session user-1 was served by {seen:?}");
-    assert_eq!(envoy.stat("meshpatterns.consistent_hash.keyed"), 1000);
+    envoy.wait_stat("meshpatterns.consistent_hash.keyed", 1000);
 }
 
 #[test]
@@ -155,7 +155,7 @@ fn cookie_issued_when_absent_and_honoured_after() {
     // Two cookie-less clients get different sessions.
     let other = c.get("/", &[]);
     assert_ne!(other.header("set-cookie").unwrap().split(';').next().unwrap(), pair);
-    assert_eq!(envoy.stat("meshpatterns.consistent_hash.issued"), 2);
+    envoy.wait_stat("meshpatterns.consistent_hash.issued", 2);
 
     // The access log (flushed by Envoy about once a second) records where
     // each session key came from.
@@ -180,7 +180,7 @@ fn client_sent_hash_header_changes_nothing() {
         assert_eq!(r.replica(), home);
         assert_eq!(r.json()["headers"]["x-session-hash"], want.as_str(), "client value overwritten");
     }
-    assert_eq!(envoy.stat("meshpatterns.consistent_hash.client_header_replaced"), 100);
+    envoy.wait_stat("meshpatterns.consistent_hash.client_header_replaced", 100);
 }
 
 #[test]

@@ -35,6 +35,22 @@ fn parse_plugin(filter: &str, json: &[u8]) -> Result<String, String> {
             .and_then(consistent_hash::logic::Settings::try_from_config)
             .map(|s| s.hash_header)
             .map_err(|e| e.to_string()),
+        "experiment-splitter" => parse_json::<experiment_splitter::logic::Config>(json)
+            .and_then(experiment_splitter::logic::Settings::try_from_config)
+            .map(|s| s.experiments.iter().map(|e| e.routing_header.clone()).collect::<Vec<_>>().join(","))
+            .map_err(|e| e.to_string()),
+        "metrics-adapter" => parse_json::<metrics_adapter::logic::Config>(json)
+            .and_then(metrics_adapter::logic::Settings::try_from_config)
+            .map(|s| s.labels().into_iter().map(|l| l.name).collect::<Vec<_>>().join(","))
+            .map_err(|e| e.to_string()),
+        "shard-router" => parse_json::<shard_router::logic::Config>(json)
+            .and_then(shard_router::logic::Settings::try_from_config)
+            .map(|s| s.shard_header)
+            .map_err(|e| e.to_string()),
+        "rate-limiter" => parse_json::<rate_limiter::logic::Config>(json)
+            .and_then(rate_limiter::logic::Settings::try_from_config)
+            .map(|s| s.policies.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(","))
+            .map_err(|e| e.to_string()),
         other => Err(format!("no parser registered for filter {other:?}")),
     }
 }
@@ -79,5 +95,37 @@ fn destination_rule_hashes_the_header_the_filter_writes() {
     assert!(!rules.is_empty());
     for r in rules {
         assert_eq!(r["httpHeaderName"].as_str(), Some(header.as_str()));
+    }
+}
+
+#[test]
+fn virtual_service_routes_every_shard_the_shard_router_writes() {
+    let docs: Vec<(String, Value)> = documents().into_iter().filter(|(f, _)| f == "shard-router.yaml").collect();
+    let (_, plugin) = docs.iter().find(|(_, d)| d["kind"] == "WasmPlugin").unwrap();
+    let c: shard_router::logic::Config = meshpatterns_core::error::parse_json(&plugin_json(plugin)).unwrap();
+    let s = shard_router::logic::Settings::try_from_config(c).unwrap();
+    let routes: Vec<&Value> =
+        docs.iter().filter(|(_, d)| d["kind"] == "VirtualService").flat_map(|(_, d)| d["spec"]["http"].as_sequence().unwrap()).collect();
+    let rule_hosts: Vec<&str> =
+        docs.iter().filter(|(_, d)| d["kind"] == "DestinationRule").filter_map(|(_, d)| d["spec"]["host"].as_str()).collect();
+    for shard in &s.current.shards {
+        // The route whose header match is exactly this shard's value...
+        let route = routes
+            .iter()
+            .find(|r| {
+                r["match"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m["headers"][s.shard_header.as_str()]["exact"].as_str() == Some(shard.cluster.as_str()))
+            })
+            .unwrap_or_else(|| panic!("no VirtualService route matches {}: {}", s.shard_header, shard.cluster));
+        // ...sends it to one Service, which has a DestinationRule, and which is
+        // the one the resharding fallback calls (outbound|<port>||<host>).
+        let dest = &route["route"][0]["destination"];
+        let host = dest["host"].as_str().unwrap();
+        assert!(rule_hosts.contains(&host), "no DestinationRule for {host}");
+        let port = dest["port"]["number"].as_u64().unwrap();
+        assert_eq!(shard.dispatch_cluster, format!("outbound|{port}||{host}"), "shard {}", shard.name);
     }
 }

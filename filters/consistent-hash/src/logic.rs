@@ -13,6 +13,7 @@ pub const DEFAULT_HASH_HEADER: &str = "x-session-hash";
 
 /// The plugin configuration as written in JSON (Envoy or Istio pluginConfig).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// Where the session key comes from, tried in order.
@@ -37,6 +38,7 @@ fn default_hash_header() -> String {
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum HeaderValue {
     /// 16 hex digits of XXH64(key): fixed length, does not reveal the key upstream.

@@ -29,6 +29,7 @@ pub fn is_cookie_value(v: &str) -> bool {
 pub const MAX_TTL_SECONDS: u64 = 400 * 24 * 3600;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum SameSite {
     Strict,
     Lax,
@@ -37,6 +38,7 @@ pub enum SameSite {
 
 /// A cookie the filter issues, as configured.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CookieConfig {
     pub name: String,

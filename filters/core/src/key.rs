@@ -51,6 +51,7 @@ pub trait RequestView {
 
 /// One key source as written in JSON.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum KeySourceConfig {
     /// Value of a request header.
@@ -72,6 +73,7 @@ pub enum KeySourceConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathRegexConfig {
     pub pattern: String,
@@ -84,6 +86,7 @@ fn one() -> u32 {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientAddressConfig {
     /// How many proxies in front of Envoy append to X-Forwarded-For and are
@@ -262,6 +265,7 @@ pub fn client_address(req: &dyn RequestView, trusted_hops: usize) -> Option<Stri
 
 /// Key sources as written in JSON, plus the literal fallback.
 #[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeySpecConfig {
     #[serde(default)]

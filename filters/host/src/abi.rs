@@ -23,6 +23,7 @@ mod ffi {
         pub fn proxy_replace_header_map_value(map: u32, key: *const u8, key_len: usize, val: *const u8, val_len: usize) -> u32;
         pub fn proxy_add_header_map_value(map: u32, key: *const u8, key_len: usize, val: *const u8, val_len: usize) -> u32;
         pub fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
+        pub fn proxy_get_header_map_pairs(map: u32, out: *mut *mut u8, out_len: *mut usize) -> u32;
         pub fn proxy_get_property(path: *const u8, path_len: usize, out: *mut *mut u8, out_len: *mut usize) -> u32;
         pub fn proxy_set_property(path: *const u8, path_len: usize, val: *const u8, val_len: usize) -> u32;
         pub fn proxy_send_local_response(
@@ -60,6 +61,9 @@ mod ffi {
         1
     }
     pub unsafe fn proxy_remove_header_map_value(_: u32, _: *const u8, _: usize) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_get_header_map_pairs(_: u32, _: *mut *mut u8, _: *mut usize) -> u32 {
         1
     }
     pub unsafe fn proxy_get_property(_: *const u8, _: usize, _: *mut *mut u8, _: *mut usize) -> u32 {
@@ -107,6 +111,41 @@ pub fn get_header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
         NOT_FOUND => Ok(None),
         other => Err(other),
     }
+}
+
+/// Every header of a map as text (bytes that are not UTF-8 replaced), in order.
+pub fn get_headers(map: MapType) -> Result<Vec<(String, String)>, Status> {
+    let mut ptr = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: pointers to live locals, valid for the call.
+    let s = unsafe { ffi::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len) };
+    match s {
+        OK => Ok(parse_pairs(&take(ptr, len))),
+        NOT_FOUND => Ok(Vec::new()),
+        other => Err(other),
+    }
+}
+
+/// Decode the host's serialized header map (the layout of
+/// [`serialize_headers`]); a truncated buffer yields the pairs read so far.
+fn parse_pairs(b: &[u8]) -> Vec<(String, String)> {
+    let u32_at = |i: usize| b.get(i..i + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(|a| u32::from_le_bytes(a) as usize);
+    let Some(n) = u32_at(0) else { return Vec::new() };
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        match (u32_at(4 + 8 * i), u32_at(8 + 8 * i)) {
+            (Some(k), Some(v)) => sizes.push((k, v)),
+            _ => return Vec::new(),
+        }
+    }
+    let mut at = 4 + 8 * n;
+    let mut out = Vec::with_capacity(n);
+    for (k, v) in sizes {
+        let (Some(key), Some(val)) = (b.get(at..at + k), b.get(at + k + 1..at + k + 1 + v)) else { break };
+        out.push((String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(val).into_owned()));
+        at += k + v + 2;
+    }
+    out
 }
 
 /// Replace every value of header `name` with `value` (adds it when absent).
@@ -209,5 +248,13 @@ mod tests {
         assert_eq!(property_path(&["source", "address"]), b"source\0address");
         let h = serialize_headers(&[("a", "bc")]);
         assert_eq!(h, [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'b', b'c', 0]);
+        let two = serialize_headers(&[(":status", "200"), ("x", "\u{e9}")]);
+        assert_eq!(parse_pairs(&two), vec![(":status".to_string(), "200".to_string()), ("x".to_string(), "\u{e9}".to_string())]);
+        let mut bad = two.clone();
+        bad[29] = 0xff; // the middle byte of the first value, "200"
+        assert_eq!(parse_pairs(&bad)[0].1, "2\u{fffd}0");
+        assert!(parse_pairs(&two[..10]).is_empty());
+        assert_eq!(parse_pairs(&two[..two.len() - 3]).len(), 1);
+        assert!(parse_pairs(&[]).is_empty());
     }
 }

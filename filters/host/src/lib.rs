@@ -66,6 +66,40 @@ impl RequestView for HostRequest {
     }
 }
 
+/// A request header as text (bytes that are not UTF-8 replaced); never panics.
+/// Use this, not `hostcalls::get_map_value`, which panics on such bytes.
+pub fn request_header(name: &str) -> Option<String> {
+    abi::get_header(MapType::HttpRequestHeaders, name).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A response header as text (bytes that are not UTF-8 replaced); never panics.
+pub fn response_header(name: &str) -> Option<String> {
+    abi::get_header(MapType::HttpResponseHeaders, name).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Every request header, values as text (bytes that are not UTF-8 replaced).
+/// Use this, not `hostcalls::get_map`, which panics on such bytes.
+pub fn request_headers() -> Vec<(String, String)> {
+    abi::get_headers(MapType::HttpRequestHeaders).unwrap_or_default()
+}
+
+/// Every header of the response to a `dispatch_http_call`, as text.
+pub fn http_call_response_headers() -> Vec<(String, String)> {
+    abi::get_headers(MapType::HttpCallResponseHeaders).unwrap_or_default()
+}
+
+/// Remove a response header (every copy).
+pub fn remove_response_header(name: &str) {
+    if let Err(s) = abi::remove_header(MapType::HttpResponseHeaders, name) {
+        warn!("cannot remove response header {name}: status {s}");
+    }
+}
+
+/// The response status code, if the response headers carry a valid one.
+pub fn response_status() -> Option<u32> {
+    response_header(":status").and_then(|s| s.trim().parse().ok())
+}
+
 /// A property as UTF-8 text (`["source", "address"]`, `["xds", "cluster_name"]`).
 pub fn property_string(path: &[&str]) -> Option<String> {
     let bytes = abi::get_property(path).ok().flatten()?;
@@ -129,6 +163,82 @@ pub fn now_nanos() -> u128 {
 /// Wall-clock time from the host.
 pub fn now() -> SystemTime {
     hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
+}
+
+/// All request headers, read with one hostcall. Each hostcall costs about
+/// 2 µs of Envoy CPU with V8 (measured by `make bench`), so a filter that
+/// looks at several headers reads them once through this snapshot instead of
+/// one call per header. Repeated `cookie` headers (HTTP/2 splits them) are
+/// joined with `"; "`.
+pub struct HeaderSnapshot {
+    headers: Vec<(String, String)>,
+}
+
+impl HeaderSnapshot {
+    /// Snapshot the current request's headers.
+    pub fn request() -> HeaderSnapshot {
+        HeaderSnapshot { headers: request_headers() }
+    }
+
+    /// A snapshot of given headers (names lowercase), for tests.
+    pub fn from_pairs(headers: Vec<(String, String)>) -> HeaderSnapshot {
+        HeaderSnapshot { headers }
+    }
+
+    /// Whether header `name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.headers.iter().any(|(k, _)| k == name)
+    }
+}
+
+impl RequestView for HeaderSnapshot {
+    fn header(&self, name: &str) -> Option<String> {
+        if name == "cookie" {
+            let all: Vec<&str> = self.headers.iter().filter(|(k, _)| k == "cookie").map(|(_, v)| v.as_str()).collect();
+            return (!all.is_empty()).then(|| all.join("; "));
+        }
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+    fn source_address(&self) -> Option<String> {
+        property_string(&["source", "address"])
+    }
+}
+
+/// A counter that counts in the VM and adds to Envoy's stat on [`flush`],
+/// which the filter's root context calls from `on_tick`: one hostcall per
+/// tick instead of one per request. Stats lag by at most the tick period.
+///
+/// [`flush`]: BatchedCounter::flush
+#[derive(Debug)]
+pub struct BatchedCounter {
+    id: Option<u32>,
+    pending: std::cell::Cell<u64>,
+}
+
+impl BatchedCounter {
+    pub fn new(name: &str) -> BatchedCounter {
+        BatchedCounter { id: hostcalls::define_metric(MetricType::Counter, name).ok(), pending: std::cell::Cell::new(0) }
+    }
+    pub fn inc(&self) {
+        self.pending.set(self.pending.get().saturating_add(1));
+    }
+    /// Add what was counted since the last flush to Envoy's stat.
+    pub fn flush(&self) {
+        let n = self.pending.replace(0);
+        if let (Some(id), true) = (self.id, n > 0) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// How often filters with [`BatchedCounter`]s flush them.
+pub const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Start the root context's tick that flushes batched counters.
+pub fn start_flush_tick() {
+    if let Err(s) = hostcalls::set_tick_period(FLUSH_PERIOD) {
+        warn!("cannot start the metrics flush tick: {s:?}");
+    }
 }
 
 /// A counter defined once per VM; failures to define or increment are ignored

@@ -1,0 +1,28 @@
+//! experiment-splitter: the ambassador for 10 % experiments.
+//!
+//! The filter sends a chosen share of users to an experiment backend, each
+//! user always to the same side, without the application knowing. It finds
+//! the user key (header or cookie; users without one get an assignment
+//! cookie), hashes it into one of 10,000 buckets per experiment, and writes
+//! the arm's target into a routing header: Envoy's `cluster_header` route (or
+//! an Istio VirtualService header match) sends the request to that arm's
+//! backend. The bucket layout is ramp-safe, so raising or lowering a share
+//! moves only the users in the buckets added or removed.
+//!
+//! All decisions live in [`logic`]; `glue.rs` only reads and applies them.
+
+pub mod logic;
+
+// The proxy-wasm glue exists only in the wasm module: natively this crate is
+// its pure logic, so test binaries can link several filters' logic at once
+// (each filter's `proxy_wasm::main!` defines the same `_initialize` symbol).
+#[cfg(target_arch = "wasm32")]
+mod glue;
+
+/// Filter state keys: `%FILTER_STATE(wasm.experiment_arm:PLAIN)%` and friends.
+pub const STATE_ARM: &str = "experiment_arm";
+pub const STATE_REASON: &str = "experiment_reason";
+pub const STATE_USER_SOURCE: &str = "experiment_user_source";
+
+/// Metric name prefix; per arm `<prefix>.<experiment>.<arm>.requests` and `.responses_5xx`.
+pub const METRIC_PREFIX: &str = "meshpatterns.experiment_splitter";

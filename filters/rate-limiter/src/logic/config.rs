@@ -1,0 +1,478 @@
+//! The plugin configuration as written (JSON for Envoy, YAML `pluginConfig`
+//! for Istio) and its validation into [`Settings`].
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use meshpatterns_core::error::ConfigError;
+use meshpatterns_core::key::{KeySourceConfig, MAX_TRUSTED_HOPS};
+use meshpatterns_core::{names, KeySource};
+use serde::Deserialize;
+
+use super::bucket::{BucketParams, COST_MILLI};
+
+/// Hashed bucket slots when `slots` is not set.
+pub const DEFAULT_SLOTS: u32 = 65_536;
+/// Most slots a config may ask for (about 95 MB of shared data when all are in use).
+pub const MAX_SLOTS: u32 = 1_048_576;
+/// Most policies in one config.
+pub const MAX_POLICIES: usize = 64;
+/// Most key parts one policy combines.
+pub const MAX_KEY_PARTS: usize = 8;
+/// Largest `rate` and `burst`.
+pub const MAX_RATE: u64 = 1_000_000_000;
+/// Most replicas a global budget may be divided across.
+pub const MAX_REPLICAS: u32 = 10_000;
+/// Largest custom body for limited requests, in bytes (serialised JSON).
+pub const MAX_BODY_BYTES: usize = 4096;
+
+/// The plugin configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Policies tried in order; the first whose `match` fits and whose key
+    /// parts are all present limits the request.
+    pub policies: Vec<PolicyConfig>,
+    /// Requests matching any of these rules are never limited.
+    #[serde(default)]
+    pub allowlist: Vec<MatchConfig>,
+    /// Number of hashed bucket slots shared by all workers (bounds memory).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Divide every rate and burst by this many proxies that share one global budget.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Count and add headers but never block (every policy, unless it sets `shadow`).
+    #[serde(default)]
+    pub shadow: bool,
+    /// Status and body of the reply to a limited request.
+    #[serde(default)]
+    pub limited_response: LimitedResponseConfig,
+    /// Also send the IETF `RateLimit-Policy` and `RateLimit` headers.
+    #[serde(default)]
+    pub ietf_headers: bool,
+}
+
+fn default_slots() -> u32 {
+    DEFAULT_SLOTS
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One rate-limit policy as written.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Name used in metrics, headers and filter state: `[a-z0-9_-]`, 1..=64 characters.
+    pub name: String,
+    /// Which requests this policy applies to (default: all).
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Key parts, combined: one bucket per distinct combination. Each is a
+    /// core key source (`{"header": "x-api-key"}`, `{"clientAddress": {...}}`, `"path"` ...).
+    /// Parsed one by one after the document, so that an unknown source is
+    /// reported with its place (`policies[0].key[1]`).
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<KeySourceConfig>"))]
+    pub key: Vec<serde_json::Value>,
+    /// Requests per `per`.
+    pub rate: u64,
+    /// Unit of `rate`.
+    #[serde(default)]
+    pub per: Unit,
+    /// Bucket capacity: requests allowed at once after a quiet period (default `rate`).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Override the top-level `shadow` for this policy.
+    #[serde(default)]
+    pub shadow: Option<bool>,
+}
+
+/// Unit of a rate.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum Unit {
+    #[default]
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Unit {
+    pub fn seconds(self) -> u64 {
+        match self {
+            Unit::Second => 1,
+            Unit::Minute => 60,
+            Unit::Hour => 3600,
+            Unit::Day => 86_400,
+        }
+    }
+}
+
+/// Conditions on a request, all of which must hold (an empty rule matches everything).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MatchConfig {
+    /// The path (without query) starts with this.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The method is one of these.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Every listed header is present (and equals `value` when given).
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchConfig>,
+    /// The client address is in one of these CIDR ranges.
+    #[serde(default)]
+    pub client_cidrs: Vec<String>,
+    /// X-Forwarded-For hops trusted when finding the client address for `clientCidrs`.
+    #[serde(default)]
+    pub trusted_hops: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// The reply to a limited request.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitedResponseConfig {
+    #[serde(default = "default_status")]
+    pub status: u32,
+    /// A JSON value sent as the body; default `{"error": "rate_limited", "policy": ..., "retryAfterSeconds": ...}`.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+}
+
+impl Default for LimitedResponseConfig {
+    fn default() -> Self {
+        LimitedResponseConfig { status: default_status(), body: None }
+    }
+}
+
+fn default_status() -> u32 {
+    429
+}
+
+/// An IPv4 or IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parse `10.0.0.0/8`, `2001:db8::/32` or a bare address (a single host).
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        fn masked(bits: u128, width: u32, prefix: u8) -> u128 {
+            let keep = u32::from(prefix).min(width);
+            if keep == 0 {
+                0
+            } else {
+                bits >> (width - keep)
+            }
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => masked(u32::from(n).into(), 32, self.prefix) == masked(u32::from(*a).into(), 32, self.prefix),
+            (IpAddr::V6(n), IpAddr::V6(a)) => masked(u128::from(n), 128, self.prefix) == masked(u128::from(*a), 128, self.prefix),
+            (IpAddr::V4(_), IpAddr::V6(a)) => a.to_ipv4_mapped().is_some_and(|v4| self.contains(&IpAddr::V4(v4))),
+            (IpAddr::V6(_), IpAddr::V4(_)) => false,
+        }
+    }
+}
+
+/// A validated match rule.
+#[derive(Debug, Clone, Default)]
+pub struct Match {
+    pub path_prefix: Option<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<(String, Option<String>)>,
+    pub client_cidrs: Vec<Cidr>,
+    pub trusted_hops: usize,
+}
+
+impl Match {
+    fn try_from_config(c: &MatchConfig) -> Result<Match, ConfigError> {
+        if let Some(p) = &c.path_prefix {
+            if !p.starts_with('/') || p.contains(['?', '#']) {
+                return Err(ConfigError::new("pathPrefix", format!("{p:?}"), "a path starting with '/' without '?' or '#'"));
+            }
+        }
+        let mut methods = Vec::new();
+        for (i, m) in c.methods.iter().enumerate() {
+            if !names::is_token(m) {
+                return Err(ConfigError::new(format!("methods[{i}]"), format!("{m:?}"), "an HTTP method such as GET or POST"));
+            }
+            methods.push(m.to_ascii_uppercase());
+        }
+        let mut headers = Vec::new();
+        for (i, h) in c.headers.iter().enumerate() {
+            let name = names::header_name("name", &h.name).map_err(|e| e.at(&format!("headers[{i}]")))?;
+            headers.push((name, h.value.clone()));
+        }
+        let mut client_cidrs = Vec::new();
+        for (i, s) in c.client_cidrs.iter().enumerate() {
+            let cidr = Cidr::parse(s).ok_or_else(|| {
+                ConfigError::new(
+                    format!("clientCidrs[{i}]"),
+                    format!("{s:?}"),
+                    "an IPv4 or IPv6 address or CIDR range (10.0.0.0/8, ::1/128)",
+                )
+            })?;
+            client_cidrs.push(cidr);
+        }
+        if c.trusted_hops > MAX_TRUSTED_HOPS {
+            return Err(ConfigError::new("trustedHops", c.trusted_hops, format!("0..={MAX_TRUSTED_HOPS}")));
+        }
+        Ok(Match { path_prefix: c.path_prefix.clone(), methods, headers, client_cidrs, trusted_hops: c.trusted_hops as usize })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.path_prefix.is_none() && self.methods.is_empty() && self.headers.is_empty() && self.client_cidrs.is_empty()
+    }
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub matcher: Match,
+    pub key: Vec<KeySource>,
+    pub bucket: BucketParams,
+    pub shadow: bool,
+}
+
+/// The reply to limited requests.
+#[derive(Debug, Clone)]
+pub struct LimitedResponse {
+    pub status: u32,
+    /// Serialised custom body; `None` sends the default body.
+    pub body: Option<String>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub policies: Vec<Policy>,
+    pub allowlist: Vec<Match>,
+    pub slots: u32,
+    pub replicas: u32,
+    pub limited: LimitedResponse,
+    pub ietf_headers: bool,
+}
+
+fn policy_name(field: &str, n: &str) -> Result<String, ConfigError> {
+    let ok = !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(ConfigError::new(
+            field,
+            format!("{n:?}"),
+            "1 to 64 characters from a-z, 0-9, '_' and '-' (it is part of metric names)",
+        ));
+    }
+    Ok(n.to_string())
+}
+
+impl Settings {
+    pub fn try_from_config(c: Config) -> Result<Settings, ConfigError> {
+        if c.slots == 0 || c.slots > MAX_SLOTS {
+            return Err(ConfigError::new("slots", c.slots, format!("1..={MAX_SLOTS} (default {DEFAULT_SLOTS})")));
+        }
+        if c.replicas == 0 || c.replicas > MAX_REPLICAS {
+            return Err(ConfigError::new("replicas", c.replicas, format!("1..={MAX_REPLICAS}")));
+        }
+        if c.policies.is_empty() || c.policies.len() > MAX_POLICIES {
+            return Err(ConfigError::new("policies", format!("{} policies", c.policies.len()), format!("1..={MAX_POLICIES} policies")));
+        }
+        let status = c.limited_response.status;
+        if !(400..=599).contains(&status) {
+            return Err(ConfigError::new("limitedResponse.status", status, "an HTTP error status, 400..=599"));
+        }
+        let body = c.limited_response.body.as_ref().map(|b| b.to_string());
+        if let Some(b) = &body {
+            if b.len() > MAX_BODY_BYTES {
+                return Err(ConfigError::new(
+                    "limitedResponse.body",
+                    format!("{} bytes", b.len()),
+                    format!("at most {MAX_BODY_BYTES} bytes of JSON"),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut policies = Vec::new();
+        for (i, p) in c.policies.iter().enumerate() {
+            let policy = compile_policy(p, c.replicas, c.shadow).map_err(|e| e.at(&format!("policies[{i}]")))?;
+            if !seen.insert(policy.name.clone()) {
+                return Err(ConfigError::new(format!("policies[{i}].name"), format!("{:?}", policy.name), "a name no other policy uses"));
+            }
+            policies.push(policy);
+        }
+        let mut allowlist = Vec::new();
+        for (i, m) in c.allowlist.iter().enumerate() {
+            let rule = Match::try_from_config(m).map_err(|e| e.at(&format!("allowlist[{i}]")))?;
+            if rule.is_empty() {
+                return Err(ConfigError::new(
+                    format!("allowlist[{i}]"),
+                    "{}",
+                    "at least one of pathPrefix, methods, headers, clientCidrs (an empty rule would allow everyone)",
+                ));
+            }
+            allowlist.push(rule);
+        }
+        Ok(Settings {
+            policies,
+            allowlist,
+            slots: c.slots,
+            replicas: c.replicas,
+            limited: LimitedResponse { status, body },
+            ietf_headers: c.ietf_headers,
+        })
+    }
+}
+
+fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool) -> Result<Policy, ConfigError> {
+    let name = policy_name("name", &p.name)?;
+    let matcher = Match::try_from_config(&p.matcher).map_err(|e| e.at("match"))?;
+    if p.key.is_empty() || p.key.len() > MAX_KEY_PARTS {
+        return Err(ConfigError::new("key", format!("{} parts", p.key.len()), format!("1..={MAX_KEY_PARTS} key sources, combined")));
+    }
+    let mut key = Vec::new();
+    for (j, v) in p.key.iter().enumerate() {
+        let field = format!("key[{j}]");
+        let c: KeySourceConfig = serde_json::from_value(v.clone()).map_err(|e| {
+            ConfigError::new(
+                &field,
+                v,
+                format!("a key source: {{\"header\": name}}, {{\"cookie\": name}}, {{\"query\": name}}, {{\"pathSegment\": n}}, {{\"pathRegex\": {{...}}}}, {{\"clientAddress\": {{\"trustedHops\": n}}}}, \"method\" or \"path\" ({e})"),
+            )
+        })?;
+        key.push(KeySource::try_from_config(&c).map_err(|e| e.at(&field))?);
+    }
+    if p.rate == 0 || p.rate > MAX_RATE {
+        return Err(ConfigError::new("rate", p.rate, format!("1..={MAX_RATE} requests per `per`")));
+    }
+    let burst = p.burst.unwrap_or(p.rate);
+    if burst < p.rate || burst > MAX_RATE {
+        return Err(ConfigError::new("burst", burst, format!("{}..={MAX_RATE} (at least `rate`, {})", p.rate, p.rate)));
+    }
+    if burst < u64::from(replicas) {
+        return Err(ConfigError::new(
+            "burst",
+            burst,
+            format!("at least `replicas` ({replicas}), so that each replica's share holds one request"),
+        ));
+    }
+    let bucket = BucketParams {
+        capacity: burst * COST_MILLI / u64::from(replicas),
+        refill: (p.rate * COST_MILLI / u64::from(replicas)).max(1),
+        unit_ns: p.per.seconds() * 1_000_000_000,
+    };
+    Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+    use super::*;
+
+    pub fn settings(json: &str) -> Result<Settings, ConfigError> {
+        let c: Config = meshpatterns_core::error::parse_json(json.as_bytes())?;
+        Settings::try_from_config(c)
+    }
+
+    fn err(json: &str) -> ConfigError {
+        settings(json).expect_err(json)
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings(r#"{"policies":[{"name":"per-client","key":[{"clientAddress":{}}],"rate":100}]}"#).unwrap();
+        assert_eq!((s.slots, s.replicas, s.limited.status, s.ietf_headers), (DEFAULT_SLOTS, 1, 429, false));
+        let p = &s.policies[0];
+        assert_eq!(p.bucket, BucketParams { capacity: 100_000, refill: 100_000, unit_ns: 1_000_000_000 });
+        assert!(!p.shadow && p.matcher.is_empty());
+    }
+
+    #[test]
+    fn replicas_divide_the_budget() {
+        let s = settings(r#"{"replicas":3,"policies":[{"name":"k","key":["path"],"rate":10000,"per":"minute","burst":12000}]}"#).unwrap();
+        assert_eq!(s.policies[0].bucket, BucketParams { capacity: 4_000_000, refill: 3_333_333, unit_ns: 60_000_000_000 });
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let p = |body: &str| format!(r#"{{"policies":[{{"name":"a","key":["path"],{body}}}]}}"#);
+        assert_eq!(err(&p(r#""rate":0"#)).field, "policies[0].rate");
+        assert_eq!(err(&p(r#""rate":10,"burst":5"#)).field, "policies[0].burst");
+        let e = err(r#"{"policies":[{"name":"a","key":["path",{"haeder":"x"}],"rate":1}]}"#);
+        assert_eq!(e.field, "policies[0].key[1]");
+        assert!(e.allowed.contains("unknown variant `haeder`"), "{e}");
+        assert_eq!(err(r#"{"policies":[{"name":"a","key":[{"header":"bad name"}],"rate":1}]}"#).field, "policies[0].key[0].header");
+        assert_eq!(err(r#"{"policies":[{"name":"a","key":[],"rate":1}]}"#).field, "policies[0].key");
+        let e = err(&p(r#""rate":1,"brust":5"#));
+        assert!(e.to_string().contains("unknown field `brust`"), "{e}");
+        let e = err(r#"{"policies":[],"colour":1}"#);
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        assert_eq!(err(r#"{"policies":[]}"#).field, "policies");
+        assert_eq!(err(r#"{"policies":[{"name":"Per Client","key":["path"],"rate":1}]}"#).field, "policies[0].name");
+        assert_eq!(
+            err(r#"{"policies":[{"name":"a","key":["path"],"rate":1},{"name":"a","key":["path"],"rate":1}]}"#).field,
+            "policies[1].name"
+        );
+        assert_eq!(err(&format!(r#"{{"slots":0,{}"#, &p(r#""rate":1"#)[1..])).field, "slots");
+        assert_eq!(err(&format!(r#"{{"slots":2000000,{}"#, &p(r#""rate":1"#)[1..])).field, "slots");
+        assert_eq!(err(&format!(r#"{{"replicas":0,{}"#, &p(r#""rate":1"#)[1..])).field, "replicas");
+        assert_eq!(err(&format!(r#"{{"replicas":5,{}"#, &p(r#""rate":2"#)[1..])).field, "policies[0].burst");
+        assert_eq!(err(&format!(r#"{{"limitedResponse":{{"status":200}},{}"#, &p(r#""rate":1"#)[1..])).field, "limitedResponse.status");
+        assert_eq!(err(&p(r#""rate":1,"match":{"pathPrefix":"api"}"#)).field, "policies[0].match.pathPrefix");
+        assert_eq!(err(&p(r#""rate":1,"match":{"clientCidrs":["10.0.0.0/33"]}"#)).field, "policies[0].match.clientCidrs[0]");
+        assert_eq!(err(&p(r#""rate":1,"match":{"headers":[{"name":""}]}"#)).field, "policies[0].match.headers[0].name");
+        assert_eq!(err(&p(r#""rate":1,"match":{"methods":["GE T"]}"#)).field, "policies[0].match.methods[0]");
+        assert_eq!(err(&format!(r#"{{"allowlist":[{{}}],{}"#, &p(r#""rate":1"#)[1..])).field, "allowlist[0]");
+        let e = err(&p(r#""rate":1,"per":"fortnight""#));
+        assert!(e.to_string().contains("unknown variant `fortnight`"), "{e}");
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains(&"10.1.255.3".parse().unwrap()));
+        assert!(!c.contains(&"10.2.0.1".parse().unwrap()));
+        assert!(c.contains(&"::ffff:10.1.0.9".parse().unwrap()));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(&"1.2.3.4".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains(&"2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains(&"2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains(&"10.0.0.1".parse().unwrap()));
+        assert_eq!(Cidr::parse("127.0.0.1"), Some(Cidr { addr: "127.0.0.1".parse().unwrap(), prefix: 32 }));
+        assert!(Cidr::parse("1.2.3.4/x").is_none() && Cidr::parse("::1/129").is_none() && Cidr::parse("host").is_none());
+    }
+}

@@ -1,0 +1,125 @@
+//! Continuous client load for tests that change something while traffic
+//! flows (a replica turning unready, a config reload): a background thread
+//! sends requests one after another on a keep-alive connection and records
+//! every outcome, with no hidden retry.
+//!
+//! ```no_run
+//! use meshpatterns_tests::load::Load;
+//! let load = Load::start(8080, "/", |r| r.replica().to_string());
+//! // ... change something, watch load.count("replica-1") ...
+//! let report = load.stop();
+//! assert!(report.failures.is_empty(), "{:?}", report.failures);
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::client::{Client, Response};
+
+/// Labels a successful response (e.g. by the replica that answered).
+pub type Classify = Box<dyn Fn(&Response) -> String + Send>;
+
+#[derive(Default, Debug, Clone)]
+pub struct Report {
+    /// Responses with status 200, by label.
+    pub ok: BTreeMap<String, u64>,
+    /// Every request that did not get a 200: status or I/O error, in order.
+    pub failures: Vec<String>,
+    /// Labels of the successful responses, in order.
+    pub sequence: Vec<String>,
+}
+
+impl Report {
+    pub fn total_ok(&self) -> u64 {
+        self.ok.values().sum()
+    }
+}
+
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<Report>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Load {
+    /// Send `GET path` to `127.0.0.1:port` back to back (with a 2 ms pause,
+    /// to leave CPU to the rest of the test) until [`Load::stop`].
+    pub fn start(port: u16, path: &str, classify: impl Fn(&Response) -> String + Send + 'static) -> Load {
+        Load::with_headers(port, path, Vec::new(), classify)
+    }
+
+    pub fn with_headers(
+        port: u16,
+        path: &str,
+        headers: Vec<(String, String)>,
+        classify: impl Fn(&Response) -> String + Send + 'static,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(Report::default()));
+        let (s, r, path) = (stop.clone(), report.clone(), path.to_string());
+        let classify: Classify = Box::new(classify);
+        let thread = std::thread::spawn(move || {
+            let mut c = Client::new(port);
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            while !s.load(Ordering::SeqCst) {
+                let outcome = c.try_request("GET", &path, &hs, b"");
+                let mut rep = r.lock().unwrap_or_else(|e| e.into_inner());
+                match outcome {
+                    Ok(resp) if resp.status == 200 => {
+                        let label = classify(&resp);
+                        *rep.ok.entry(label.clone()).or_default() += 1;
+                        rep.sequence.push(label);
+                    }
+                    Ok(resp) => rep.failures.push(format!("HTTP {}: {}", resp.status, resp.text())),
+                    Err(e) => {
+                        rep.failures.push(format!("I/O error: {e}"));
+                        c = Client::new(port);
+                    }
+                }
+                drop(rep);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Load { stop, report, thread: Some(thread) }
+    }
+
+    /// A copy of the outcomes so far.
+    pub fn snapshot(&self) -> Report {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Successful responses labelled `label` so far.
+    pub fn count(&self, label: &str) -> u64 {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).ok.get(label).copied().unwrap_or(0)
+    }
+
+    /// Requests completed so far (successful or not).
+    pub fn done(&self) -> u64 {
+        let r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.total_ok() + r.failures.len() as u64
+    }
+
+    /// Wait until `n` more requests have completed (at most `timeout`).
+    pub fn wait_requests(&self, n: u64, timeout: Duration) {
+        let target = self.done() + n;
+        crate::wait_for(&format!("{n} more requests under load"), timeout, || (self.done() >= target).then_some(()));
+    }
+
+    /// Stop the load and return every outcome.
+    pub fn stop(mut self) -> Report {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.snapshot()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}

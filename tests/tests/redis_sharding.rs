@@ -1,0 +1,181 @@
+//! The Redis sharding ambassador (envoy/redis-sharding.yaml): Envoy's
+//! redis_proxy in front of three real redis-server shards started by the test.
+//! Keys written through Envoy spread over the shards (each server's DBSIZE),
+//! hash tags keep related keys together, and a stopped shard is found by
+//! Envoy's Redis health checker while the others keep serving.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use meshpatterns_tests::redis::RedisServer;
+use meshpatterns_tests::{wait_for, Envoy, EnvoyBuilder};
+
+const CONFIG: &str = "redis-sharding.yaml";
+const CLUSTER: &str = "redis_shards";
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq)]
+enum Reply {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+/// A tiny RESP2 client over one connection.
+struct Resp {
+    conn: BufReader<TcpStream>,
+}
+
+impl Resp {
+    fn connect(port: u16) -> Resp {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to Envoy's redis listener");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Resp { conn: BufReader::new(s) }
+    }
+
+    fn command(&mut self, args: &[&str]) -> Reply {
+        self.try_command(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn try_command(&mut self, args: &[&str]) -> std::io::Result<Reply> {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
+        self.conn.get_mut().write_all(&req)?;
+        self.read()
+    }
+
+    fn read(&mut self) -> std::io::Result<Reply> {
+        let mut line = String::new();
+        if self.conn.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        let line = line.trim_end_matches("\r\n");
+        let (kind, rest) = line.split_at(1);
+        let num = || rest.parse::<i64>().map_err(|_| std::io::Error::other(format!("bad RESP line {line:?}")));
+        Ok(match kind {
+            "+" => Reply::Simple(rest.into()),
+            "-" => Reply::Error(rest.into()),
+            ":" => Reply::Int(num()?),
+            "$" if num()? < 0 => Reply::Bulk(None),
+            "$" => {
+                let mut b = vec![0; num()? as usize + 2];
+                self.conn.read_exact(&mut b)?;
+                b.truncate(b.len() - 2);
+                Reply::Bulk(Some(b))
+            }
+            "*" if num()? < 0 => Reply::Array(None),
+            "*" => Reply::Array(Some((0..num()?).map(|_| self.read()).collect::<Result<_, _>>()?)),
+            _ => return Err(std::io::Error::other(format!("bad RESP line {line:?}"))),
+        })
+    }
+
+    fn set(&mut self, k: &str, v: &str) {
+        assert_eq!(self.command(&["SET", k, v]), Reply::Simple("OK".into()), "SET {k}");
+    }
+
+    fn get(&mut self, k: &str) -> Option<String> {
+        match self.command(&["GET", k]) {
+            Reply::Bulk(b) => b.map(|b| String::from_utf8(b).unwrap()),
+            other => panic!("GET {k}: {other:?}"),
+        }
+    }
+}
+
+/// Keys stored on one server, asked directly (not through Envoy).
+fn dbsize(r: &RedisServer) -> u64 {
+    let line = r.command(&["DBSIZE"]).unwrap();
+    line.strip_prefix(':').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("DBSIZE on {}: {line}", r.addr()))
+}
+
+fn start(n: usize) -> (Vec<RedisServer>, Envoy) {
+    let shards: Vec<RedisServer> = (0..n).map(|_| RedisServer::start()).collect();
+    let ports: Vec<u16> = shards.iter().map(|r| r.port).collect();
+    let envoy = EnvoyBuilder::new(CONFIG).endpoint_ports("REDIS", &ports).start();
+    envoy.wait_healthy(CLUSTER, n);
+    (shards, envoy)
+}
+
+#[test]
+fn keys_spread_across_the_shards_and_read_back() {
+    let (shards, envoy) = start(3);
+    let mut c = Resp::connect(envoy.port("redis"));
+    assert_eq!(c.command(&["PING"]), Reply::Simple("PONG".into()));
+    let n = 3000;
+    for i in 0..n {
+        c.set(&format!("key:{i}"), &format!("value-{i}"));
+    }
+    for i in 0..n {
+        assert_eq!(c.get(&format!("key:{i}")).as_deref(), Some(format!("value-{i}").as_str()));
+    }
+    let sizes: Vec<u64> = shards.iter().map(dbsize).collect();
+    eprintln!("{n} keys through redis_proxy over 3 redis-server shards (ring_hash): DBSIZE {sizes:?}");
+    assert_eq!(sizes.iter().sum::<u64>(), n, "every key stored exactly once");
+    // Bound: each shard holds between 0.6 and 1.4 times its fair share. Envoy
+    // places ring points by hashing each host's address, and the ports differ
+    // on every run, so the split varies from run to run (ring of 4096 points).
+    let mean = n as f64 / 3.0;
+    for (r, s) in shards.iter().zip(&sizes) {
+        let share = *s as f64 / mean;
+        assert!((0.6..=1.4).contains(&share), "shard {} holds {s} keys ({share:.2} of its fair share): {sizes:?}", r.addr());
+    }
+
+    // Hash tags: keys sharing a {tag} live on the same shard.
+    for u in 0..20 {
+        for f in ["name", "cart", "visits"] {
+            c.set(&format!("{{user:{u}}}:{f}"), "x");
+        }
+        let holders: Vec<usize> = (0..3)
+            .filter(|&i| {
+                let exists = shards[i].command(&["EXISTS", &format!("{{user:{u}}}:name")]).unwrap();
+                exists == ":1"
+            })
+            .collect();
+        assert_eq!(holders.len(), 1, "user {u}");
+        for f in ["cart", "visits"] {
+            assert_eq!(shards[holders[0]].command(&["EXISTS", &format!("{{user:{u}}}:{f}")]).unwrap(), ":1", "user {u} {f}");
+        }
+    }
+}
+
+#[test]
+fn a_stopped_shard_is_marked_unhealthy_and_the_others_keep_serving() {
+    let (mut shards, envoy) = start(3);
+    let mut c = Resp::connect(envoy.port("redis"));
+    for i in 0..300 {
+        c.set(&format!("k{i}"), "before");
+    }
+    let dead = shards[1].addr();
+    shards[1].stop();
+    envoy.wait_healthy(CLUSTER, 2);
+    let hosts = envoy.hosts(CLUSTER);
+    assert_eq!(hosts.iter().find(|(a, _)| *a == dead), Some(&(dead.clone(), false)), "{hosts:?}");
+    let clusters = envoy.admin("/clusters");
+    assert!(clusters.contains(&format!("{CLUSTER}::{dead}::health_flags::/failed_active_hc")), "{clusters}");
+    assert!(envoy.stat(&format!("cluster.{CLUSTER}.health_check.failure")) > 0);
+
+    // Every key, including the dead shard's, can be written and read again:
+    // the ring sends the dead shard's keys to the next healthy shard. Poll
+    // first until the workers have the new host set (a command to the dead
+    // shard fails until they do).
+    let port = envoy.port("redis");
+    wait_for("every worker to route around the dead shard", Duration::from_secs(20), || {
+        let mut c = Resp::connect(port);
+        (0..300).all(|i| matches!(c.try_command(&["SET", &format!("k{i}"), "after"]), Ok(Reply::Simple(_)))).then_some(())
+    });
+    let mut c = Resp::connect(port);
+    for i in 0..300 {
+        assert_eq!(c.get(&format!("k{i}")).as_deref(), Some("after"), "k{i}");
+    }
+    assert!(dbsize(&shards[0]) + dbsize(&shards[2]) >= 300);
+
+    // It comes back (empty: no persistence) and is healthy again.
+    shards[1].restart();
+    envoy.wait_healthy(CLUSTER, 3);
+}

@@ -1,0 +1,204 @@
+//! Replicated stateless service with readiness: three replicas behind Envoy
+//! with active health checks on the readiness endpoint, outlier detection and
+//! retries. A replica turning unready leaves rotation with zero failed client
+//! requests, and rejoins when ready again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshpatterns_tests::load::Load;
+use meshpatterns_tests::upstream::{echo, Reply, Request};
+use meshpatterns_tests::{wait_for, Envoy, EnvoyBuilder, Upstream};
+
+const CONFIG: &str = "replicated.yaml";
+/// From envoy/replicated.yaml: health check interval 1 s, timeout 0.5 s,
+/// unhealthy and healthy thresholds 2 (a 503 from the readiness endpoint
+/// counts at once; the unhealthy threshold applies to timeouts).
+const HC_INTERVAL: Duration = Duration::from_secs(1);
+const HC_THRESHOLD: u32 = 2;
+
+/// A replica whose readiness (`/healthz`) and real answers can both be
+/// switched off: an unready replica also answers 503 to normal requests, as a
+/// replica that lost its database would.
+struct Replica {
+    up: Upstream,
+    broken: Arc<AtomicBool>,
+}
+
+impl Replica {
+    fn start(name: &str) -> Replica {
+        let broken = Arc::new(AtomicBool::new(false));
+        let b = broken.clone();
+        let up = Upstream::with_handler(
+            name,
+            Arc::new(
+                move |name: &str, r: &Request| {
+                    if b.load(Ordering::SeqCst) {
+                        Reply::new(503, "not ready\n").header("x-replica", name)
+                    } else {
+                        echo(name, r)
+                    }
+                },
+            ),
+        );
+        Replica { up, broken }
+    }
+    fn set_ready(&self, ready: bool) {
+        self.broken.store(!ready, Ordering::SeqCst);
+        self.up.set_healthy(ready);
+    }
+}
+
+fn healthy(envoy: &Envoy, r: &Replica) -> bool {
+    envoy.hosts("replicas").iter().any(|(addr, h)| *addr == r.up.addr() && *h)
+}
+
+/// Wait until `up` receives no request during 50 requests of `load`.
+fn quiesce(load: &Load, up: &Upstream) {
+    wait_for(&format!("no more traffic to {}", up.name()), Duration::from_secs(20), || {
+        let before = up.hits();
+        load.wait_requests(50, Duration::from_secs(60));
+        (up.hits() == before).then_some(())
+    });
+}
+
+/// The `health_flags` of one host in `/clusters`, e.g. `/failed_active_hc/failed_outlier_check`.
+fn health_flags(envoy: &Envoy, up: &Upstream) -> String {
+    let prefix = format!("replicas::{}::health_flags::", up.addr());
+    envoy.admin("/clusters").lines().find_map(|l| l.strip_prefix(&prefix).map(str::to_string)).unwrap_or_default()
+}
+
+#[test]
+fn unready_replica_leaves_rotation_without_failing_a_request_and_rejoins() {
+    let replicas: Vec<Replica> = (0..3).map(|i| Replica::start(&format!("replica-{i}"))).collect();
+    let ups: Vec<Upstream> = replicas.iter().map(|r| r.up.clone()).collect();
+    let envoy = EnvoyBuilder::new(CONFIG).endpoints("REPLICAS", &ups).start();
+    envoy.wait_healthy("replicas", 3);
+
+    let load = Load::start(envoy.port("ingress"), "/work", |r| r.replica().to_string());
+    load.wait_requests(300, Duration::from_secs(60));
+    for r in &replicas {
+        assert!(load.count(r.up.name()) > 0, "{} gets traffic while ready: {:?}", r.up.name(), load.snapshot().ok);
+    }
+
+    // replica-1 turns unready the way a replica that lost its database does:
+    // real requests start failing with 503 at once, and its readiness
+    // endpoint reports it a moment later.
+    let leaving = &replicas[1];
+    let t0 = Instant::now();
+    leaving.broken.store(true, Ordering::SeqCst);
+    let bound = HC_INTERVAL * HC_THRESHOLD + Duration::from_secs(15);
+    // Passive detection: its third consecutive 503 ejects it (each 503 was
+    // retried on another replica).
+    wait_for("replica-1 ejected by outlier detection", bound, || {
+        (envoy.stat("cluster.replicas.outlier_detection.ejections_enforced_total") >= 1).then_some(())
+    });
+    let left_after = t0.elapsed();
+    leaving.up.set_healthy(false);
+    // Active detection: the readiness checks fail too, which keeps it out
+    // after the ejection time until it is ready again.
+    wait_for("replica-1 failing its readiness checks", bound, || {
+        health_flags(&envoy, &leaving.up).contains("failed_active_hc").then_some(())
+    });
+    assert!(!healthy(&envoy, leaving));
+    // The workers' load balancers follow the main thread within moments;
+    // from then on no client request reaches the replica.
+    quiesce(&load, &leaving.up);
+    let hits_out = leaving.up.hits();
+    let answered_out = load.count(leaving.up.name());
+    load.wait_requests(300, Duration::from_secs(60));
+    assert_eq!(leaving.up.hits(), hits_out, "an out-of-rotation replica received requests");
+    assert_eq!(load.count(leaving.up.name()), answered_out);
+
+    // Ready again: health checks bring it back.
+    let t1 = Instant::now();
+    leaving.set_ready(true);
+    wait_for("replica-1 back in rotation", bound, || healthy(&envoy, leaving).then_some(()));
+    let back_after = t1.elapsed();
+    wait_for("client traffic on replica-1 again", Duration::from_secs(20), || (load.count(leaving.up.name()) > answered_out).then_some(()));
+    load.wait_requests(100, Duration::from_secs(60));
+    let report = load.stop();
+
+    let stats = envoy.stats();
+    let stat = |k: &str| stats.get(k).copied().unwrap_or(0);
+    eprintln!(
+        "{} requests, {} failed, by replica {:?}; replica-1 out of rotation {:?} after turning unready, back {:?} after turning ready \
+         (health check every {HC_INTERVAL:?}, thresholds {HC_THRESHOLD}); 503s from it: {}, successful retries: {}; \
+         outlier ejections: {}; health check failures: {}",
+        report.total_ok() + report.failures.len() as u64,
+        report.failures.len(),
+        report.ok,
+        left_after,
+        back_after,
+        leaving.up.hits() - report.ok.get(leaving.up.name()).copied().unwrap_or(0),
+        stat("cluster.replicas.upstream_rq_retry_success"),
+        stat("cluster.replicas.outlier_detection.ejections_enforced_total"),
+        stat("cluster.replicas.health_check.failure"),
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} client requests failed: {:?}",
+        report.failures.len(),
+        &report.failures[..report.failures.len().min(10)]
+    );
+    // Every 503 the unready replica gave was retried on another replica.
+    let answered_503 = leaving.up.hits() - report.ok.get(leaving.up.name()).copied().unwrap_or(0);
+    // (Retries may also have rescued the odd reset of a pooled connection.)
+    assert!(answered_503 >= 3, "the unready replica answered 3 requests with 503 before it was ejected");
+    assert!(stat("cluster.replicas.upstream_rq_retry_success") >= answered_503, "every 503 was retried successfully");
+    assert!(stat("cluster.replicas.health_check.failure") >= 1, "the readiness check failed too");
+}
+
+#[test]
+fn refused_connections_are_retried_on_another_replica() {
+    // A replica that is gone (its port closed) before the health check notices:
+    // connect-failure retries keep every request succeeding.
+    let ups = Upstream::start_many("replica", 3);
+    let envoy = EnvoyBuilder::new(CONFIG).endpoints("REPLICAS", &ups).start();
+    envoy.wait_healthy("replicas", 3);
+    let load = Load::start(envoy.port("ingress"), "/", |r| r.replica().to_string());
+    load.wait_requests(100, Duration::from_secs(60));
+    ups[2].stop();
+    wait_for("replica-2 out of rotation", Duration::from_secs(20), || {
+        envoy.hosts("replicas").iter().any(|(a, h)| *a == ups[2].addr() && !h).then_some(())
+    });
+    load.wait_requests(200, Duration::from_secs(60));
+    let report = load.stop();
+    eprintln!("{:?}, retries {}", report.ok, envoy.stat("cluster.replicas.upstream_rq_retry"));
+    assert!(report.failures.is_empty(), "{:?}", &report.failures[..report.failures.len().min(10)]);
+    assert!(report.ok.contains_key("replica-0") && report.ok.contains_key("replica-1"));
+}
+
+#[test]
+fn failing_readiness_alone_takes_a_replica_out_of_rotation() {
+    // The replica still answers real requests, but says it is not ready:
+    // only the active health check can notice.
+    let ups = Upstream::start_many("replica", 3);
+    let envoy = EnvoyBuilder::new(CONFIG).endpoints("REPLICAS", &ups).start();
+    envoy.wait_healthy("replicas", 3);
+    let load = Load::start(envoy.port("ingress"), "/", |r| r.replica().to_string());
+    load.wait_requests(100, Duration::from_secs(60));
+    let t0 = Instant::now();
+    ups[0].set_healthy(false);
+    envoy.wait_healthy("replicas", 2);
+    let left_after = t0.elapsed();
+    quiesce(&load, &ups[0]);
+    let served = ups[0].hits();
+    load.wait_requests(200, Duration::from_secs(60));
+    assert_eq!(ups[0].hits(), served, "traffic reached a replica that is not ready");
+    let t1 = Instant::now();
+    ups[0].set_healthy(true);
+    envoy.wait_healthy("replicas", 3);
+    let back_after = t1.elapsed();
+    wait_for("traffic on replica-0 again", Duration::from_secs(20), || (ups[0].hits() > served).then_some(()));
+    let report = load.stop();
+    eprintln!(
+        "readiness only: out of rotation {left_after:?} after /healthz turned 503, back {back_after:?} after it turned 200 \
+         (health check every {HC_INTERVAL:?}: a 503 counts at once, {HC_THRESHOLD} passes to return); {:?}, {} failed",
+        report.ok,
+        report.failures.len()
+    );
+    assert!(report.failures.is_empty(), "{:?}", &report.failures[..report.failures.len().min(10)]);
+    assert_eq!(envoy.stat("cluster.replicas.outlier_detection.ejections_enforced_total"), 0, "no 5xx, no ejection");
+}
