@@ -50,6 +50,13 @@ TARGET_WASM_BYTES = 200 * 1024  # 200 KB after wasm-opt
 # kind: "baseline" (no filter, the zero), "floor" (noop), "filter" (a
 # meshpatterns filter: gets the ratio against the floor and the target),
 # "native" (Envoy's own way to do the same job, no wasm).
+#
+# Optional keys: "keys" (how many distinct key values wrk cycles through),
+# "path" (the request path, default "/"), "check" (the pre-check: default
+# "replicas", answers spread over the replicas; "origin" and "cached" for the
+# cache group, see check_scenario), "speedup_over" (the report gives this
+# scenario's speedup over the one named), "origin_bound" (a slow origin, not
+# Envoy, limits the rate: no "Envoy not busy" warning for it).
 SCENARIOS = {
     "baseline": {
         "kind": "baseline",
@@ -129,6 +136,29 @@ SCENARIOS = {
         "sticky": False,
         "about": "Envoy weighted_clusters 90 / 10, drawn at random per request: not sticky (no wasm)",
     },
+    # The caching layer: Envoy's own cache filter, so no wasm and no "× noop".
+    # Both request /cacheable, which the upstream answers after 2 ms with
+    # cache-control: public, max-age=3600 (envoy/bench-upstream.yaml).
+    "cache-off": {
+        "kind": "native",
+        "header": "x-user-id",
+        "path": "/cacheable",
+        "check": "origin",  # every answer from the origin: cache-control, no age
+        "origin_bound": True,  # 16 connections / 2 ms caps RPS: Envoy is not saturated
+        "wasm": [],
+        "sticky": False,
+        "about": "no cache: every request to the slow origin (2 ms, cache-control: public, max-age=3600)",
+    },
+    "cache": {
+        "kind": "native",
+        "header": "x-user-id",
+        "path": "/cacheable",
+        "check": "cached",  # 200s, repeats answered from the cache (age header)
+        "speedup_over": "cache-off",
+        "wasm": [],
+        "sticky": False,
+        "about": "Envoy HTTP cache filter (in-memory) in front of the same origin: repeats served by the proxy",
+    },
 }
 
 # One group per filter: the filter's scenario and its native comparison.
@@ -139,6 +169,7 @@ GROUPS = {
     "metrics-adapter": ["metrics-adapter"],
     "rate-limiter": ["rate-limiter", "native-local-ratelimit"],
     "experiment-splitter": ["experiment-splitter", "native-weighted-clusters"],
+    "cache": ["cache-off", "cache"],
 }
 ALWAYS = ["baseline", "noop"]
 
@@ -251,6 +282,17 @@ def http_get(port, path, headers=None, timeout=5.0):
         c.close()
 
 
+def http_get_headers(port, path, headers=None, timeout=5.0):
+    """Like http_get, plus the response headers (names lowercased)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode("utf-8", "replace")
+    finally:
+        c.close()
+
+
 class Envoy:
     def __init__(self, procs, envoy_bin, cpu, name, config_text, workdir):
         self.procs = procs
@@ -332,9 +374,9 @@ class Envoy:
 # ---------------------------------------------------------------- wrk
 
 
-def run_wrk(procs, args, port, header, duration, cpu, keys=None):
+def run_wrk(procs, args, port, header, duration, cpu, keys=None, path="/"):
     argv = pinned(cpu) + ["wrk", "-t", "1", "-c", str(args.connections), "-d", "%gs" % duration,
-                          "--latency", "-s", LUA, "http://127.0.0.1:%d/" % port, "--", header, str(keys or args.keys)]
+                          "--latency", "-s", LUA, "http://127.0.0.1:%d%s" % (port, path), "--", header, str(keys or args.keys)]
     p = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = p.communicate(timeout=duration + 60)
@@ -350,9 +392,34 @@ def run_wrk(procs, args, port, header, duration, cpu, keys=None):
     raise BenchError("wrk printed no BENCH_RESULT line:\n%s" % out)
 
 
+def check_cache_scenario(name, scenario, port):
+    """The cache group's pre-check, on the scenario's path: every answer is a
+    200 from a replica; "origin": each carries the origin's cache-control and
+    none an age header (nothing in front of the origin answers); "cached":
+    after the first, the answers carry an age header (the cache answered)."""
+    path = scenario.get("path", "/")
+    hits = 0
+    for k in range(12):
+        status, headers, body = http_get_headers(port, path, {scenario["header"]: "%016x" % k})
+        if status != 200 or not body.startswith("replica-"):
+            raise BenchError("%s: pre-check of %s got %d %r (expected 200 from a replica)" % (name, path, status, body[:200]))
+        if "public" not in headers.get("cache-control", ""):
+            raise BenchError("%s: %s answered without cache-control: public (headers %s); "
+                             "is envoy/bench-upstream.yaml's /cacheable route there?" % (name, path, headers))
+        if "age" in headers:
+            hits += 1
+    if scenario["check"] == "origin" and hits:
+        raise BenchError("%s: %d of 12 answers carried an age header; expected all from the origin" % (name, hits))
+    if scenario["check"] == "cached" and hits < 6:
+        raise BenchError("%s: only %d of 12 answers carried an age header; expected the repeats from the cache" % (name, hits))
+
+
 def check_scenario(name, scenario, port):
     """Before measuring: requests succeed, reach the replicas, and (for sticky
-    scenarios) the same key keeps reaching the same replica."""
+    scenarios) the same key keeps reaching the same replica. The cache group
+    has checks of its own (check_cache_scenario)."""
+    if scenario.get("check", "replicas") != "replicas":
+        return check_cache_scenario(name, scenario, port)
     seen = set()
     for k in range(12):
         key = "%016x" % (k * 7919 % scenario.get("keys", 1 << 64))
@@ -385,11 +452,13 @@ def measure(procs, args, name, scenario, upstream_ports, workdir, cpus, first):
         if first:
             check_scenario(name, scenario, port)
         if args.warmup > 0:
-            run_wrk(procs, args, port, scenario["header"], args.warmup, cpus[1], scenario.get("keys"))
+            run_wrk(procs, args, port, scenario["header"], args.warmup, cpus[1], scenario.get("keys"),
+                    scenario.get("path", "/"))
         tck = os.sysconf("SC_CLK_TCK")
         t0 = envoy.cpu_ticks()
         w0 = time.monotonic()
-        res = run_wrk(procs, args, port, scenario["header"], args.duration, cpus[1], scenario.get("keys"))
+        res = run_wrk(procs, args, port, scenario["header"], args.duration, cpus[1], scenario.get("keys"),
+                      scenario.get("path", "/"))
         wall = time.monotonic() - w0
         t1 = envoy.cpu_ticks()
     finally:
@@ -541,6 +610,16 @@ def report(args, groups, names, runs, summary, floor, info):
                 100 * s["busy"], s["cpu_us"], s["cpu_min"], s["cpu_max"], added, ratio))
         L.append("")
         for n in GROUPS[g]:
+            other = SCENARIOS[n].get("speedup_over")
+            if other:
+                s, o = summary[n], summary[other]
+                L.append("Speedup (%s over %s, medians): %.1f× the RPS (%s against %s), p50 %s against %s (%.1f× lower), "
+                         "%.1f CPU µs/req against %.1f (%.2f×). %s is limited by its slow origin, not by Envoy (see "
+                         "Envoy busy), so its CPU µs/req includes idle overhead." % (
+                             n, other, s["rps"] / o["rps"], "{:,.0f}".format(s["rps"]), "{:,.0f}".format(o["rps"]),
+                             fmt_lat(s["p50_us"]), fmt_lat(o["p50_us"]), o["p50_us"] / max(s["p50_us"], 1),
+                             s["cpu_us"], o["cpu_us"], s["cpu_us"] / o["cpu_us"], other))
+                L.append("")
             if SCENARIOS[n]["kind"] != "filter":
                 continue
             s = summary[n]
@@ -737,7 +816,7 @@ def main(argv):
     end_load = os.getloadavg()[0]
     if end_load > 1.0 and end_load > info["load"]:
         warnings.append("The 1-minute load average was %.2f when the run ended." % end_load)
-    starved = [r for r in runs if r["busy"] < 0.5]
+    starved = [r for r in runs if r["busy"] < 0.5 and not SCENARIOS[r["scenario"]].get("origin_bound")]
     if starved:
         warnings.append("In %d of %d runs the Envoy under test was busy less than 50 %% of the time (other processes "
                         "held the CPUs or the client side was slow); CPU µs/req rises when Envoy is not saturated, so "
@@ -754,6 +833,12 @@ def main(argv):
             if SCENARIOS[n]["kind"] == "filter":
                 log("  %s adds %.1f µs/req; noop adds %.1f; ratio %s (target ≤ %.1f×)" % (
                     n, s["added_us"], floor, "n/a" if s["ratio"] is None else "%.2f×" % s["ratio"], TARGET_RATIO))
+            other = SCENARIOS[n].get("speedup_over")
+            if other:
+                o = summary[other]
+                log("  %s over %s: %.1f× RPS (%.0f vs %.0f), p50 %s vs %s, %.1f vs %.1f CPU µs/req" % (
+                    n, other, s["rps"] / o["rps"], s["rps"], o["rps"], fmt_lat(s["p50_us"]), fmt_lat(o["p50_us"]),
+                    s["cpu_us"], o["cpu_us"]))
     return 0
 
 

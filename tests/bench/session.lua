@@ -2,8 +2,9 @@
 -- that changes from request to request, and the run ends by printing one
 -- machine-readable result line.
 --
---   wrk ... -s session.lua http://127.0.0.1:PORT/ -- HEADER KEYS
+--   wrk ... -s session.lua http://127.0.0.1:PORT/PATH -- HEADER KEYS
 --
+-- Every request goes to the URL's path (wrk.path; "/" for most scenarios).
 -- HEADER: the request header that carries the key (default x-user-id).
 -- KEYS:   how many distinct keys to cycle through (default 10000). Keys are
 --         16 hex digits, so a header written by a filter (XXH64 in hex) and
@@ -22,7 +23,7 @@ function request()
   n = n + 1
   -- a multiplicative step spreads consecutive requests over the key space
   local k = (n * 7919) % keys
-  return wrk.format("GET", "/", { [header] = string.format("%016x", k) })
+  return wrk.format("GET", wrk.path, { [header] = string.format("%016x", k) })
 end
 
 function done(summary, latency, requests)
