@@ -526,3 +526,22 @@ fn prometheus_scrapes_the_sidecar_and_promql_gives_the_request_rate() {
     let scrapes = r#"sum(meshpatterns_http_requests_total{job="envoy",route="app_stats"}) >= 1"#;
     wait_for(scrapes, Duration::from_secs(30), || prom.scalar(scrapes, None));
 }
+
+#[test]
+fn header_values_that_are_not_utf8_never_break_the_filter() {
+    let app = Arc::new(App::default());
+    let (_up, envoy) = start(&app, |b| b);
+    let mut c = Client::new(envoy.port("ingress"));
+    // A label header whose value is not UTF-8: before the filter read headers
+    // through meshpatterns-host, the SDK's get_map_value panicked on it and
+    // killed the worker's VM.
+    let raw = b"GET /x HTTP/1.1\r\nhost: x\r\nx-tenant: \xff\xfeacme\r\n\r\n";
+    for _ in 0..20 {
+        assert_eq!(c.raw(raw).unwrap().status, 200);
+    }
+    for _ in 0..20 {
+        assert_eq!(c.get("/x", &[("x-tenant", "acme")]).status, 200);
+    }
+    let log = envoy.log();
+    assert!(!log.contains("panic"), "the filter panicked:\n{log}");
+}

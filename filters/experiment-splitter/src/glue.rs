@@ -122,7 +122,7 @@ impl HttpContext for Split {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = Rc::clone(&self.state);
         let (s, m) = (&state.0, &state.1);
-        let d = decide(s, &host::HostRequest, || self.mint());
+        let d = decide(s, &host::HeaderSnapshot::request(), || self.mint());
         for (header, value) in d.routing(s) {
             host::set_request_header(header, value);
         }

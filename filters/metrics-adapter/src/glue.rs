@@ -240,31 +240,34 @@ impl Stream {
     }
 }
 
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+/// Request headers are read once per request (one hostcall) through a
+/// snapshot that never panics on header bytes that are not UTF-8.
+fn request_header(snap: &host::HeaderSnapshot, name: &str) -> Option<String> {
+    meshpatterns_core::RequestView::header(snap, name)
 }
 
 /// An integer property (Envoy serialises them as 8 little-endian bytes).
 fn property_i64(path: &[&str]) -> Option<i64> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+    let bytes = host::abi::get_property(path).ok().flatten()?;
     let arr: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
     Some(i64::from_le_bytes(arr))
 }
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let method = request_header(":method");
+        let snap = host::HeaderSnapshot::request();
+        let method = request_header(&snap, ":method");
         self.method = logic::method_label(method.as_deref());
         self.header_values = self
             .settings
             .header_labels
             .iter()
-            .map(|h| request_header(&h.header).map(|v| logic::sanitize_value(&v)).unwrap_or_else(|| logic::NONE.into()))
+            .map(|h| request_header(&snap, &h.header).map(|v| logic::sanitize_value(&v)).unwrap_or_else(|| logic::NONE.into()))
             .collect();
         if self.settings.legacy.is_empty() || !matches!(self.method, "GET" | "HEAD") {
             return Action::Continue;
         }
-        let path = request_header(":path").unwrap_or_default();
+        let path = request_header(&snap, ":path").unwrap_or_default();
         let (bare, query) = match path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path.as_str(), None),

@@ -116,7 +116,7 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = Rc::clone(&self.settings);
         let now = u64::try_from(host::now_nanos()).unwrap_or(u64::MAX);
-        let d = decide(&s, &host::HostRequest, &mut HostStore, now);
+        let d = decide(&s, &host::HeaderSnapshot::request(), &mut HostStore, now);
         let policy = d.policy.and_then(|i| s.policies.get(i));
         let pm = d.policy.and_then(|i| self.metrics.policies.get(i));
         match (d.verdict, pm) {

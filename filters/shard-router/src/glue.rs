@@ -151,7 +151,8 @@ fn previous_owner_unavailable(s: &Settings, old: &Shard, detail: &str) {
 impl HttpContext for ShardRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = Rc::clone(&self.settings);
-        let req = host::HostRequest;
+        // One hostcall for every header the key sources may need.
+        let req = host::HeaderSnapshot::request();
         if req.header(&s.shard_header).is_some() {
             self.metrics.client_header_replaced.inc();
         }
