@@ -17,6 +17,8 @@ pub struct Section {
     /// Keep processes alive while the section is shown.
     _envoy: Envoy,
     _upstreams: Vec<Upstream>,
+    /// Other servers the section runs (redis-server shards), stopped on drop.
+    _servers: Vec<crate::redis::RedisServer>,
 }
 
 /// Session-tracked service: consistent-hash in front of three replicas.
@@ -47,7 +49,13 @@ pub fn consistent_hash() -> Result<Section, String> {
     lines.push(format!("  curl -si http://127.0.0.1:{port}/ | grep -i -E 'set-cookie|x-replica'   # a new session cookie"));
     lines.push(format!("  curl -s -H 'x-user-id: alice' -H 'x-session-hash: forged' http://127.0.0.1:{port}/ | grep -o '\"x-session-hash\":\"[^\"]*'   # overwritten"));
     lines.push(format!("  curl -s http://127.0.0.1:{}/stats | grep consistent_hash", envoy.admin_port));
-    Ok(Section { title: "Session-tracked service (consistent-hash filter, Envoy maglev)", lines, _envoy: envoy, _upstreams: ups })
+    Ok(Section {
+        title: "Session-tracked service (consistent-hash filter, Envoy maglev)",
+        lines,
+        _envoy: envoy,
+        _upstreams: ups,
+        _servers: Vec::new(),
+    })
 }
 
 /// Ambassador for 10 % experiments: experiment-splitter routing users of
@@ -107,6 +115,7 @@ pub fn experiment_splitter() -> Result<Section, String> {
         lines,
         _envoy: envoy,
         _upstreams: vec![control, treatment],
+        _servers: Vec::new(),
     })
 }
 
@@ -157,7 +166,13 @@ pub fn tls_sidecar() -> Result<Section, String> {
         "  curl -s {} --cert {d}/rogue-client.crt --key {d}/rogue-client.key https://{APP_HOST}:{mtls}/; echo \"exit $?\"   # refused",
         resolve(mtls)
     ));
-    Ok(Section { title: "Sidecar: HTTPS and mTLS for a legacy plain-HTTP app (Envoy TLS)", lines, _envoy: envoy, _upstreams: vec![app] })
+    Ok(Section {
+        title: "Sidecar: HTTPS and mTLS for a legacy plain-HTTP app (Envoy TLS)",
+        lines,
+        _envoy: envoy,
+        _upstreams: vec![app],
+        _servers: Vec::new(),
+    })
 }
 
 /// Caching layer: Envoy's HTTP cache filter in front of a slow origin.
@@ -180,6 +195,7 @@ pub fn cache() -> Result<Section, String> {
         lines,
         _envoy: envoy,
         _upstreams: vec![origin],
+        _servers: Vec::new(),
     })
 }
 
@@ -252,6 +268,7 @@ pub fn replicated() -> Result<Section, String> {
         lines,
         _envoy: envoy,
         _upstreams: replicas,
+        _servers: Vec::new(),
     })
 }
 
@@ -301,7 +318,13 @@ pub fn shard_router() -> Result<Section, String> {
     ));
     lines.push(format!("  curl -si http://127.0.0.1:{port}/kv/bad*key   # 400 JSON naming the problem"));
     lines.push(format!("  curl -s http://127.0.0.1:{}/stats | grep shard_router", envoy.admin_port));
-    Ok(Section { title: "Sharded service (shard-router filter, Envoy cluster_header)", lines, _envoy: envoy, _upstreams: ups })
+    Ok(Section {
+        title: "Sharded service (shard-router filter, Envoy cluster_header)",
+        lines,
+        _envoy: envoy,
+        _upstreams: ups,
+        _servers: Vec::new(),
+    })
 }
 
 /// Rate limiting: the rate-limiter filter in front of one app server.
@@ -344,7 +367,13 @@ pub fn rate_limiter() -> Result<Section, String> {
         "  for i in $(seq 12); do curl -s -o /dev/null -w '%{{http_code}} ' -H \"x-forwarded-for: 203.0.113.$i\" http://127.0.0.1:{port}/; done; echo   # spoofing XFF does not help"
     ));
     lines.push(format!("  curl -s http://127.0.0.1:{}/stats | grep rate_limiter", envoy.admin_port));
-    Ok(Section { title: "Rate limiting and DoS defence (rate-limiter filter)", lines, _envoy: envoy, _upstreams: vec![up] })
+    Ok(Section {
+        title: "Rate limiting and DoS defence (rate-limiter filter)",
+        lines,
+        _envoy: envoy,
+        _upstreams: vec![up],
+        _servers: Vec::new(),
+    })
 }
 
 /// Sidecar: dynamic configuration. The consistent-hash filter's config comes
@@ -394,7 +423,13 @@ pub fn dynamic_config() -> Result<Section, String> {
         ),
         format!("  curl -s http://127.0.0.1:{}/stats | grep extension_config_discovery", envoy.admin_port),
     ];
-    Ok(Section { title: "Sidecar: dynamic configuration (ECDS from a watched file)", lines, _envoy: envoy, _upstreams: ups })
+    Ok(Section {
+        title: "Sidecar: dynamic configuration (ECDS from a watched file)",
+        lines,
+        _envoy: envoy,
+        _upstreams: ups,
+        _servers: Vec::new(),
+    })
 }
 
 /// Adapters for monitoring and logging: metrics-adapter in front of an app
@@ -445,6 +480,41 @@ pub fn metrics_adapter() -> Result<Section, String> {
         lines,
         _envoy: envoy,
         _upstreams: vec![up],
+        _servers: Vec::new(),
+    })
+}
+
+/// Sharding ambassador for Redis and Redis health checking: Envoy's
+/// `redis_proxy` in front of three redis-server shards, with the Redis
+/// health checker.
+pub fn redis_sharding() -> Result<Section, String> {
+    let shards: Vec<crate::redis::RedisServer> = (0..3).map(|_| crate::redis::RedisServer::start()).collect();
+    let ports: Vec<u16> = shards.iter().map(|r| r.port).collect();
+    let envoy = EnvoyBuilder::new("redis-sharding.yaml").endpoint_ports("REDIS", &ports).try_start()?;
+    envoy.wait_healthy("redis_shards", 3);
+    let port = envoy.port("redis");
+    for i in 0..300 {
+        let reply = crate::redis::command(port, &["SET", &format!("user:{i}"), "v"]).map_err(|e| format!("SET through Envoy: {e}"))?;
+        if reply != "+OK" {
+            return Err(format!("SET user:{i} through Envoy answered {reply}"));
+        }
+    }
+    let sizes: Vec<String> =
+        shards.iter().map(|r| r.command(&["DBSIZE"]).unwrap_or_default().trim_start_matches(':').to_string()).collect();
+    let mut lines = vec![format!("self-check: 300 keys SET through Envoy landed {} on the three shards", sizes.join(" / "))];
+    lines.push(String::new());
+    lines.push("try (redis-cli is in the Debian package redis-tools):".into());
+    lines.push(format!("  redis-cli -p {port} set user:42 hello && redis-cli -p {port} get user:42"));
+    for (i, r) in shards.iter().enumerate() {
+        lines.push(format!("  redis-cli -p {} dbsize        # shard {i}", r.port));
+    }
+    lines.push(format!("  curl -s http://127.0.0.1:{}/clusters | grep health_flags   # the Redis health checker's view", envoy.admin_port));
+    Ok(Section {
+        title: "Sharding ambassador for Redis (Envoy redis_proxy, Redis health checker)",
+        lines,
+        _envoy: envoy,
+        _upstreams: Vec::new(),
+        _servers: shards,
     })
 }
 
@@ -463,6 +533,7 @@ pub fn start_all() -> Result<Vec<Section>, String> {
         ("shard-router", shard_router),
         ("rate-limiter", rate_limiter),
         ("metrics-adapter", metrics_adapter),
+        ("redis-sharding", redis_sharding),
         // one line per pattern: ("name", function),
     ];
     builders.into_iter().map(|(name, f)| f().map_err(|e| format!("{name}: {e}"))).collect()

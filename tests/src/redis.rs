@@ -90,17 +90,23 @@ impl RedisServer {
 
     /// Send one command and return the first reply line (`+OK`, `:1`, `$-1`, ...).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
-        let s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        (&s).write_all(req.as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(&s).read_line(&mut line)?;
-        Ok(line.trim_end().to_string())
+        command(self.port, args)
     }
+}
+
+/// Send one command to whatever speaks RESP on `127.0.0.1:port` (a
+/// redis-server, or Envoy's redis_proxy) and return the first reply line.
+pub fn command(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    (&s).write_all(req.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
 }
 
 impl Drop for RedisServer {
