@@ -32,6 +32,13 @@ WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = 
 export ENVOY := $(ENVOY_BIN)
 export WASM_DIR := $(CURDIR)/$(DIST)
 
+# Modules must be byte-identical on every machine so the sha256 pinned in
+# istio/ holds: panic-location strings of crates.io dependencies contain
+# $CARGO_HOME, so map it to a fixed prefix (workspace paths are relative, and
+# std's are already remapped by the Rust release).
+CARGO_HOME_DIR := $(or $(CARGO_HOME),$(HOME)/.cargo)
+export CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS := --remap-path-prefix=$(CARGO_HOME_DIR)=/cargo
+
 .PHONY: help
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
