@@ -6,7 +6,7 @@ use meshpatterns_host as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::logic::{decide, session_id, Config, Settings, Source};
+use crate::logic::{decide, Config, Settings, Source};
 use crate::{STATE_HASH, STATE_SOURCE};
 
 const FILTER: &str = "consistent-hash";
@@ -92,30 +92,13 @@ struct Session {
 
 impl Context for Session {}
 
-impl Session {
-    /// A new session id: 16 bytes from the host's CSPRNG; if the host cannot
-    /// provide them, a hash of the time and context id (unique, not secret).
-    fn mint(&self) -> String {
-        let mut bytes = [0u8; 16];
-        if !host::random_bytes(&mut bytes) {
-            let seed = format!("{}:{}", host::now_nanos(), self.context_id);
-            let a = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 1);
-            let b = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 2);
-            for (dst, src) in bytes.iter_mut().zip(a.to_le_bytes().into_iter().chain(b.to_le_bytes())) {
-                *dst = src;
-            }
-        }
-        session_id(&bytes)
-    }
-}
-
 impl HttpContext for Session {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let s = Rc::clone(&self.settings);
         // One hostcall for every header the key sources may need.
         let req = host::HeaderSnapshot::request();
         let client_sent = req.has(&s.hash_header);
-        let d = decide(&s, &req, || self.mint());
+        let d = decide(&s, &req, || host::mint_id(self.context_id));
         match &d.header_value {
             Some(v) => {
                 host::set_request_header(&s.hash_header, v);

@@ -151,11 +151,6 @@ fn header_value(s: &Settings, key: &str) -> String {
     }
 }
 
-/// A session id from 16 random bytes: 32 lowercase hex digits.
-pub fn session_id(random: &[u8; 16]) -> String {
-    random.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -220,12 +215,5 @@ mod tests {
         assert!(e.to_string().contains("unknown field `hashHeadr`"), "{e}");
         let e = settings(r#"{"keySources":[{"header":"a"}],"headerValue":"raw"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant `raw`"), "{e}");
-    }
-
-    #[test]
-    fn session_ids_are_cookie_safe() {
-        let id = session_id(&[0xab; 16]);
-        assert_eq!(id.len(), 32);
-        assert!(meshpatterns_core::cookie::is_cookie_value(&id));
     }
 }

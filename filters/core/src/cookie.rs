@@ -25,6 +25,12 @@ pub fn is_cookie_value(v: &str) -> bool {
     v.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c..=0x5b | 0x5d..=0x7e))
 }
 
+/// An id for a cookie the filter issues (session, experiment user) from 16
+/// random bytes: 32 lowercase hex digits, always a valid cookie value.
+pub fn id_from_bytes(random: &[u8; 16]) -> String {
+    random.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Longest `Max-Age` browsers honour (400 days, RFC 6265bis).
 pub const MAX_TTL_SECONDS: u64 = 400 * 24 * 3600;
 
@@ -136,6 +142,13 @@ mod tests {
 
     fn cfg(json: &str) -> CookieConfig {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn ids_are_32_hex_digits_and_cookie_safe() {
+        let id = id_from_bytes(&[0xab; 16]);
+        assert_eq!(id, "ab".repeat(16));
+        assert!(is_cookie_value(&id));
     }
 
     #[test]

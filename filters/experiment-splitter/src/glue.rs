@@ -6,7 +6,7 @@ use meshpatterns_host as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::logic::{decide, user_id, Config, OverrideStatus, Reason, Settings};
+use crate::logic::{decide, Config, OverrideStatus, Reason, Settings};
 
 use crate::{METRIC_PREFIX, STATE_ARM, STATE_REASON, STATE_USER_SOURCE};
 
@@ -101,28 +101,11 @@ struct Split {
 
 impl Context for Split {}
 
-impl Split {
-    /// A new user id: 16 bytes from the host's CSPRNG; if the host cannot
-    /// provide them, a hash of the time and context id (unique, not secret).
-    fn mint(&self) -> String {
-        let mut bytes = [0u8; 16];
-        if !host::random_bytes(&mut bytes) {
-            let seed = format!("{}:{}", host::now_nanos(), self.context_id);
-            let a = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 1);
-            let b = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 2);
-            for (dst, src) in bytes.iter_mut().zip(a.to_le_bytes().into_iter().chain(b.to_le_bytes())) {
-                *dst = src;
-            }
-        }
-        user_id(&bytes)
-    }
-}
-
 impl HttpContext for Split {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let state = Rc::clone(&self.state);
         let (s, m) = (&state.0, &state.1);
-        let d = decide(s, &host::HeaderSnapshot::request(), || self.mint());
+        let d = decide(s, &host::HeaderSnapshot::request(), || host::mint_id(self.context_id));
         for (header, value) in d.routing(s) {
             host::set_request_header(header, value);
         }

@@ -776,11 +776,6 @@ pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String
     Decision { user_source, assignments, client_headers_replaced, override_status, strip, set_cookies, expose }
 }
 
-/// A user id from 16 random bytes: 32 lowercase hex digits.
-pub fn user_id(random: &[u8; 16]) -> String {
-    random.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -1110,12 +1105,5 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         // Fractional percentages in basis points are fine.
         assert!(settings(&exp(r#"{"name":"c","percent":87.5},{"name":"t","percent":12.25},{"name":"u","percent":0.25}"#, "")).is_ok());
-    }
-
-    #[test]
-    fn user_ids_are_cookie_safe() {
-        let id = user_id(&[0xab; 16]);
-        assert_eq!(id.len(), 32);
-        assert!(cookie::is_cookie_value(&id));
     }
 }

@@ -11,7 +11,7 @@
 
 pub mod abi;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use log::{error, warn};
 use meshpatterns_core::error::parse_json;
@@ -50,26 +50,6 @@ where
             None
         }
     }
-}
-
-/// The current HTTP request, read through hostcalls.
-pub struct HostRequest;
-
-impl RequestView for HostRequest {
-    /// Header bytes that are not UTF-8 are replaced with U+FFFD: the same
-    /// bytes always give the same key, and nothing panics.
-    fn header(&self, name: &str) -> Option<String> {
-        abi::get_header(MapType::HttpRequestHeaders, name).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
-    }
-    fn source_address(&self) -> Option<String> {
-        property_string(&["source", "address"])
-    }
-}
-
-/// A request header as text (bytes that are not UTF-8 replaced); never panics.
-/// Use this, not `hostcalls::get_map_value`, which panics on such bytes.
-pub fn request_header(name: &str) -> Option<String> {
-    abi::get_header(MapType::HttpRequestHeaders, name).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// A response header as text (bytes that are not UTF-8 replaced); never panics.
@@ -160,11 +140,6 @@ pub fn now_nanos() -> u128 {
     hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
-/// Wall-clock time from the host.
-pub fn now() -> SystemTime {
-    hostcalls::get_current_time().unwrap_or(UNIX_EPOCH)
-}
-
 /// All request headers, read with one hostcall. Each hostcall costs about
 /// 2 µs of Envoy CPU with V8 (measured by `make bench`), so a filter that
 /// looks at several headers reads them once through this snapshot instead of
@@ -178,11 +153,6 @@ impl HeaderSnapshot {
     /// Snapshot the current request's headers.
     pub fn request() -> HeaderSnapshot {
         HeaderSnapshot { headers: request_headers() }
-    }
-
-    /// A snapshot of given headers (names lowercase), for tests.
-    pub fn from_pairs(headers: Vec<(String, String)>) -> HeaderSnapshot {
-        HeaderSnapshot { headers }
     }
 
     /// Whether header `name` is present.
@@ -255,6 +225,22 @@ impl Counter {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
+}
+
+/// A new id for a cookie the filter issues: 16 bytes from the host's CSPRNG
+/// as 32 hex digits; if the host cannot provide them, a hash of the time and
+/// `context_id` (unique, not secret).
+pub fn mint_id(context_id: u32) -> String {
+    let mut bytes = [0u8; 16];
+    if !random_bytes(&mut bytes) {
+        let seed = format!("{}:{context_id}", now_nanos());
+        let a = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 1);
+        let b = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 2);
+        for (dst, src) in bytes.iter_mut().zip(a.to_le_bytes().into_iter().chain(b.to_le_bytes())) {
+            *dst = src;
+        }
+    }
+    meshpatterns_core::cookie::id_from_bytes(&bytes)
 }
 
 #[cfg(target_os = "wasi")]
