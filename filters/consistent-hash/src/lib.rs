@@ -10,12 +10,19 @@
 //! All decisions live in [`logic`]; this file only reads and applies them.
 
 pub mod logic;
+pub mod stage;
 
-// The glue exists only in the wasm build: natively (tests, the config
-// parsers other crates link) it would clash with other filters'
-// `_initialize` export from `proxy_wasm::main!`.
-#[cfg(target_arch = "wasm32")]
-mod glue;
+pub use stage::ConsistentHash;
+
+// The module's exports, only in the wasm build of this crate as a module
+// (feature `module`, on by default; the pipeline module turns it off).
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
+meshpatterns_host::export_module!(
+    "consistent-hash",
+    ConsistentHash,
+    meshpatterns_host::stage::parse_single::<ConsistentHash>,
+    response_headers
+);
 
 /// Filter state keys (`%FILTER_STATE(wasm.consistent_hash_source:PLAIN)%`).
 pub const STATE_SOURCE: &str = "consistent_hash_source";

@@ -138,16 +138,18 @@ pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String
             // The first request hashes the minted id exactly as later requests
             // carrying the cookie will, so the client is sticky from the start.
             let id = mint();
-            Decision { source: Source::Issued, header_value: Some(header_value(s, &id)), set_cookie: Some(ck.set_cookie(&id)) }
+            Decision { source: Source::Issued, header_value: Some(header_value(s, id.as_bytes())), set_cookie: Some(ck.set_cookie(&id)) }
         }
         None => Decision { source: Source::None, header_value: None, set_cookie: None },
     }
 }
 
-fn header_value(s: &Settings, key: &str) -> String {
+/// The hash header's value for a key: XXH64 of the key's bytes as sent, or
+/// the key itself in `key` mode when it is printable ASCII.
+fn header_value(s: &Settings, key: &[u8]) -> String {
     match s.header_value {
-        HeaderValue::Key if key.bytes().all(|b| (0x20..0x7f).contains(&b)) => key.to_string(),
-        _ => hex16(hash64(key.as_bytes())),
+        HeaderValue::Key if key.iter().all(|b| (0x20..0x7f).contains(b)) => String::from_utf8_lossy(key).into_owned(),
+        _ => hex16(hash64(key)),
     }
 }
 
@@ -180,6 +182,15 @@ mod tests {
         let later = decide(&s, &StaticRequest::new("/").with("cookie", "mp_session=abc123"), || unreachable!());
         assert_eq!(later.source, Source::Matched("cookie:mp_session".into()));
         assert_eq!(first.header_value, later.header_value);
+    }
+
+    #[test]
+    fn keys_differing_only_in_non_utf8_bytes_hash_apart() {
+        let s = settings(r#"{"keySources":[{"header":"x-user"}]}"#).unwrap();
+        let h = |v: &[u8]| decide(&s, &StaticRequest::new("/").with_bytes("x-user", v), || unreachable!()).header_value.unwrap();
+        let (a, b, c) = (h(b"caf\xE9"), h(b"caf\xFF"), h("caf\u{FFFD}".as_bytes()));
+        assert!(a != b && b != c && a != c);
+        assert_eq!(h(b"user-42"), "397e9d3a76af7c81"); // unchanged for UTF-8 keys
     }
 
     #[test]

@@ -9,11 +9,20 @@ use crate::ConfigError;
 /// The value of cookie `name` in a `Cookie` header (`a=1; b=2`), with
 /// surrounding double quotes removed. The first occurrence wins.
 pub fn find<'a>(cookie_header: &'a str, name: &str) -> Option<&'a str> {
-    cookie_header.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        if k.trim() == name {
-            let v = v.trim();
-            Some(v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v))
+    let v = find_bytes(cookie_header.as_bytes(), name)?;
+    // `find_bytes` splits only at ASCII bytes, so `v` lies on char boundaries.
+    std::str::from_utf8(v).ok()
+}
+
+/// [`find`] over the bytes the client sent: a value that is not UTF-8 is
+/// returned as it is, never replaced, so two such values never collapse.
+pub fn find_bytes<'a>(cookie_header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    cookie_header.split(|b| *b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (k, v) = (pair.get(..eq)?, pair.get(eq + 1..)?);
+        if k.trim_ascii() == name.as_bytes() {
+            let v = v.trim_ascii();
+            Some(v.strip_prefix(b"\"").and_then(|s| s.strip_suffix(b"\"")).unwrap_or(v))
         } else {
             None
         }

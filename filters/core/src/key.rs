@@ -17,10 +17,17 @@
 //! ]
 //! ```
 //!
-//! Values are used as sent, except that query values are percent-decoded,
-//! cookie values lose surrounding quotes, and client addresses lose their port.
+//! Keys are the bytes the client sent: never decoded lossily, so values that
+//! differ only in bytes that are not UTF-8 stay different keys (valid UTF-8
+//! keys are exactly what they always were). Header values lose surrounding
+//! spaces and tabs; query names and values are percent-decoded (`%XX` to the
+//! byte XX, `+` to a space, malformed escapes kept as written); cookie values
+//! lose surrounding quotes; path segments and `path` are taken without the
+//! query and are not decoded; client addresses lose their port.
 //! Empty values, and values longer than [`MAX_KEY_BYTES`], count as absent so a
 //! client cannot make a filter hold arbitrarily large keys.
+
+use std::borrow::Cow;
 
 use regex_lite::Regex;
 use serde::Deserialize;
@@ -35,8 +42,14 @@ pub const MAX_TRUSTED_HOPS: u32 = 16;
 /// Read access to the request a key is taken from. The proxy-wasm glue
 /// implements it over hostcalls; tests implement it over a map.
 pub trait RequestView {
-    /// First value of header `name` (lowercase).
-    fn header(&self, name: &str) -> Option<String>;
+    /// First value of header `name` (lowercase), the bytes as sent. For
+    /// `cookie`, every copy joined with `"; "` (HTTP/2 splits cookies).
+    fn header_bytes(&self, name: &str) -> Option<Cow<'_, [u8]>>;
+    /// [`RequestView::header_bytes`] as text, bytes that are not UTF-8
+    /// replaced: for matching and labels, never for keys.
+    fn header(&self, name: &str) -> Option<String> {
+        self.header_bytes(name).map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
     /// The request path including any query string (`:path`).
     fn path(&self) -> Option<String> {
         self.header(":path")
@@ -170,43 +183,68 @@ impl KeySource {
         }
     }
 
-    /// The key this source yields for `req`, if any.
-    pub fn extract(&self, req: &dyn RequestView) -> Option<String> {
-        let v = match self {
-            KeySource::Header(h) => req.header(h).map(|v| v.trim().to_string()),
-            KeySource::Cookie(c) => req.header("cookie").and_then(|h| cookie::find(&h, c).map(str::to_string)),
-            KeySource::Query(q) => req.path().and_then(|p| query_param(&p, q)),
-            KeySource::PathSegment(i) => {
-                req.path().and_then(|p| path_only(&p).split('/').filter(|s| !s.is_empty()).nth(*i).map(str::to_string))
-            }
-            KeySource::PathRegex { regex, group } => {
-                req.path().and_then(|p| regex.captures(path_only(&p)).and_then(|c| c.get(*group)).map(|m| m.as_str().to_string()))
-            }
-            KeySource::ClientAddress { trusted_hops } => client_address(req, *trusted_hops),
-            KeySource::Method => req.method(),
-            KeySource::Path => req.path().map(|p| path_only(&p).to_string()),
-        }?;
+    /// The key this source yields for `req`, if any: the bytes the client sent.
+    pub fn extract(&self, req: &dyn RequestView) -> Option<Vec<u8>> {
+        let path = || req.header_bytes(":path");
+        let v: Vec<u8> = match self {
+            KeySource::Header(h) => req.header_bytes(h)?.trim_ascii().to_vec(),
+            KeySource::Cookie(c) => cookie::find_bytes(&req.header_bytes("cookie")?, c)?.to_vec(),
+            KeySource::Query(q) => query_param_bytes(&path()?, q)?,
+            KeySource::PathSegment(i) => path_only(&path()?).split(|b| *b == b'/').filter(|s| !s.is_empty()).nth(*i)?.to_vec(),
+            KeySource::PathRegex { regex, group } => regex_capture(regex, *group, path_only(&path()?))?,
+            KeySource::ClientAddress { trusted_hops } => client_address(req, *trusted_hops)?.into_bytes(),
+            KeySource::Method => req.header_bytes(":method")?.into_owned(),
+            KeySource::Path => path_only(&path()?).to_vec(),
+        };
         (!v.is_empty() && v.len() <= MAX_KEY_BYTES).then_some(v)
     }
 }
 
-fn path_only(p: &str) -> &str {
-    p.split(['?', '#']).next().unwrap_or("")
+/// A capture of `regex` over `bytes`, as bytes. Valid UTF-8 is matched as
+/// text; other input is read one char per byte (Latin-1) and the capture
+/// mapped back, so the key is still exactly the bytes sent.
+fn regex_capture(regex: &Regex, group: usize, bytes: &[u8]) -> Option<Vec<u8>> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => regex.captures(text)?.get(group).map(|m| m.as_str().as_bytes().to_vec()),
+        Err(_) => {
+            let latin1: String = bytes.iter().map(|b| char::from(*b)).collect();
+            let m = regex.captures(&latin1)?.get(group)?;
+            Some(m.as_str().chars().map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?')).collect())
+        }
+    }
 }
 
-/// First value of query parameter `name`, percent-decoded (`+` is a space).
-pub fn query_param(path: &str, name: &str) -> Option<String> {
-    let (_, query) = path.split_once('?')?;
-    let query = query.split('#').next().unwrap_or("");
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == name).then(|| percent_decode(v))
+fn path_only(p: &[u8]) -> &[u8] {
+    p.split(|b| *b == b'?' || *b == b'#').next().unwrap_or(&[])
+}
+
+/// First value of query parameter `name` in `path`, percent-decoded to bytes.
+pub fn query_param_bytes(path: &[u8], name: &str) -> Option<Vec<u8>> {
+    let at = path.iter().position(|b| *b == b'?')?;
+    let query = path.get(at + 1..)?;
+    let query = query.split(|b| *b == b'#').next().unwrap_or(&[]);
+    query.split(|b| *b == b'&').find_map(|pair| {
+        let (k, v) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (pair.get(..i)?, pair.get(i + 1..)?),
+            None => (pair, &[][..]),
+        };
+        (percent_decode_bytes(k) == name.as_bytes()).then(|| percent_decode_bytes(v))
     })
+}
+
+/// First value of query parameter `name`, percent-decoded (`+` is a space),
+/// as text (bytes that are not UTF-8 replaced): for display, not for keys.
+pub fn query_param(path: &str, name: &str) -> Option<String> {
+    query_param_bytes(path.as_bytes(), name).map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
 /// Percent-decode, leaving malformed escapes as they are; invalid UTF-8 is replaced.
 pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
+    String::from_utf8_lossy(&percent_decode_bytes(s.as_bytes())).into_owned()
+}
+
+/// Percent-decode to bytes, leaving malformed escapes as they are.
+pub fn percent_decode_bytes(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
@@ -225,7 +263,7 @@ pub fn percent_decode(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Strip a port and IPv6 brackets: `1.2.3.4:80` → `1.2.3.4`, `[::1]:80` → `::1`.
@@ -286,7 +324,27 @@ pub struct KeySpec {
 pub struct KeyMatch {
     /// Index into [`KeySpec::sources`]; `None` for the fallback.
     pub source: Option<usize>,
-    pub value: String,
+    /// The key, exactly the bytes the client sent (see the module docs).
+    pub value: Vec<u8>,
+}
+
+impl KeyMatch {
+    /// The key for logs and filter state: UTF-8 as is, other bytes as `\xNN`.
+    pub fn display(&self) -> String {
+        escape_bytes(&self.value)
+    }
+}
+
+/// Bytes as text for logs: valid UTF-8 unchanged, each other byte as `\xNN`.
+pub fn escape_bytes(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for x in chunk.invalid() {
+            out.push_str(&format!("\\x{x:02X}"));
+        }
+    }
+    out
 }
 
 impl KeySpec {
@@ -315,7 +373,7 @@ impl KeySpec {
             .iter()
             .enumerate()
             .find_map(|(i, s)| s.extract(req).map(|value| KeyMatch { source: Some(i), value }))
-            .or_else(|| self.fallback.clone().map(|value| KeyMatch { source: None, value }))
+            .or_else(|| self.fallback.as_ref().map(|f| KeyMatch { source: None, value: f.as_bytes().to_vec() }))
     }
 
     /// Label of the source that produced `m` (`fallback` for the literal).
@@ -328,6 +386,8 @@ impl KeySpec {
 #[derive(Debug, Clone, Default)]
 pub struct StaticRequest {
     pub headers: Vec<(String, String)>,
+    /// Headers given as bytes, looked up before `headers`.
+    pub raw: Vec<(String, Vec<u8>)>,
     pub source: Option<String>,
 }
 
@@ -335,6 +395,7 @@ impl StaticRequest {
     pub fn new(path: &str) -> Self {
         StaticRequest {
             headers: vec![(":path".into(), path.into()), (":method".into(), "GET".into())],
+            raw: Vec::new(),
             source: Some("10.0.0.9:5555".into()),
         }
     }
@@ -344,9 +405,28 @@ impl StaticRequest {
     }
 }
 
+impl StaticRequest {
+    /// A header with raw bytes (not UTF-8 allowed).
+    pub fn with_bytes(mut self, name: &str, value: &[u8]) -> Self {
+        self.raw.push((name.into(), value.to_vec()));
+        self
+    }
+}
+
 impl RequestView for StaticRequest {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    fn header_bytes(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        let all = || {
+            self.raw
+                .iter()
+                .filter(move |(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+                .chain(self.headers.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_bytes()))
+        };
+        if name == "cookie" {
+            let parts: Vec<&[u8]> = all().collect();
+            return (!parts.is_empty()).then(|| Cow::Owned(parts.join(&b"; "[..])));
+        }
+        all().next().map(Cow::Borrowed)
     }
     fn source_address(&self) -> Option<String> {
         self.source.clone()
@@ -369,23 +449,23 @@ mod tests {
         let s = spec(r#"{"keySources":[{"header":"X-User"},{"cookie":"sid"},{"query":"s"},{"pathSegment":1},"method"]}"#).unwrap();
         let r = StaticRequest::new("/users/42?s=q%20v").with("cookie", "a=1; sid=abc");
         let m = s.extract(&r).unwrap();
-        assert_eq!((m.value.as_str(), s.label(&m).as_str()), ("abc", "cookie:sid"));
+        assert_eq!((m.display().as_str(), s.label(&m).as_str()), ("abc", "cookie:sid"));
         let r = StaticRequest::new("/users/42?s=q%20v").with("x-user", " u1 ");
-        assert_eq!(s.extract(&r).unwrap().value, "u1");
+        assert_eq!(s.extract(&r).unwrap().value, b"u1");
         let r = StaticRequest::new("/users/42?s=q%20v");
-        assert_eq!(s.extract(&r).unwrap().value, "q v");
+        assert_eq!(s.extract(&r).unwrap().value, b"q v");
         let r = StaticRequest::new("/users/42");
-        assert_eq!(s.extract(&r).unwrap().value, "42");
+        assert_eq!(s.extract(&r).unwrap().value, b"42");
         let r = StaticRequest::new("/");
-        assert_eq!(s.extract(&r).unwrap().value, "GET");
+        assert_eq!(s.extract(&r).unwrap().value, b"GET");
     }
 
     #[test]
     fn regex_and_fallback() {
         let s = spec(r#"{"keySources":[{"pathRegex":{"pattern":"^/api/v\\d+/tenants/([a-z0-9-]+)"}}],"fallbackKey":"anon"}"#).unwrap();
-        assert_eq!(s.extract(&StaticRequest::new("/api/v2/tenants/acme-1/items?x=1")).unwrap().value, "acme-1");
+        assert_eq!(s.extract(&StaticRequest::new("/api/v2/tenants/acme-1/items?x=1")).unwrap().value, b"acme-1");
         let m = s.extract(&StaticRequest::new("/other")).unwrap();
-        assert_eq!((m.value.as_str(), s.label(&m).as_str()), ("anon", "fallback"));
+        assert_eq!((m.display().as_str(), s.label(&m).as_str()), ("anon", "fallback"));
     }
 
     #[test]
@@ -394,6 +474,27 @@ mod tests {
         assert!(s.extract(&StaticRequest::new("/").with("x-k", "")).is_none());
         assert!(s.extract(&StaticRequest::new("/").with("x-k", &"a".repeat(MAX_KEY_BYTES + 1))).is_none());
         assert!(s.extract(&StaticRequest::new("/").with("x-k", &"a".repeat(MAX_KEY_BYTES))).is_some());
+    }
+
+    #[test]
+    fn keys_are_the_bytes_sent() {
+        let s = spec(r#"{"keySources":[{"header":"x-k"}]}"#).unwrap();
+        let key = |v: &[u8]| s.extract(&StaticRequest::new("/").with_bytes("x-k", v)).unwrap().value;
+        let (e9, ff, fffd) = (key(b"caf\xE9"), key(b"caf\xFF"), key("caf\u{FFFD}".as_bytes()));
+        assert!(e9 != ff && ff != fffd && e9 != fffd);
+        assert_eq!(e9, b"caf\xE9");
+        assert_eq!(key("café".as_bytes()), "café".as_bytes());
+        let c = spec(r#"{"keySources":[{"cookie":"sid"}]}"#).unwrap();
+        let m = c.extract(&StaticRequest::new("/").with_bytes("cookie", b"a=1; sid=\xFE\xFF")).unwrap();
+        assert_eq!((m.value.as_slice(), m.display().as_str()), (&b"\xFE\xFF"[..], "\\xFE\\xFF"));
+        let q = spec(r#"{"keySources":[{"query":"s"}]}"#).unwrap();
+        assert_eq!(q.extract(&StaticRequest::new("/?s=%FE")).unwrap().value, b"\xFE");
+        assert_ne!(q.extract(&StaticRequest::new("/?s=%FE")).unwrap().value, q.extract(&StaticRequest::new("/?s=%FF")).unwrap().value);
+        let r = spec(r#"{"keySources":[{"pathRegex":{"pattern":"^/u/([^/]+)"}}]}"#).unwrap();
+        let m = r.extract(&StaticRequest::new("/").with_bytes(":path", b"/u/a\xFFb/x")).unwrap();
+        assert_eq!(m.value, b"a\xFFb");
+        let m = r.extract(&StaticRequest::new("/u/caf\u{e9}/x")).unwrap();
+        assert_eq!(m.value, "caf\u{e9}".as_bytes());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * [`key`]: ordered key sources (header, cookie, query, path, regex, client address).
 //! * [`cookie`]: `Cookie` parsing and `Set-Cookie` building with validated attributes.
 //! * [`names`]: validation of header and cookie names.
+//! * [`scope`]: the `match` block deciding which requests a filter or stage acts on.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
@@ -21,6 +22,7 @@ pub mod hash;
 pub mod key;
 pub mod names;
 pub mod place;
+pub mod scope;
 
 pub use error::ConfigError;
 pub use key::{KeyMatch, KeySource, KeySpec, RequestView};

@@ -1,24 +1,54 @@
-//! Non-panicking calls into the proxy-wasm ABI (v0.2.1) for the hostcalls a
-//! filter makes on every request.
+//! The proxy-wasm ABI 0.2.1 calls meshpatterns makes, wrapped so they never
+//! panic: each returns the host's status instead of assuming success, and
+//! header values are bytes, never assumed to be text.
 //!
-//! The SDK's `hostcalls` wrappers `panic!` on any status they do not expect
-//! and `unwrap()` the UTF-8 conversion of header values, so a client sending a
-//! header with non-UTF-8 bytes, or a host answering `BadArgument`, would kill
-//! the worker's VM. These wrappers return the raw status instead and never
-//! assume text. Status codes are plain `u32` (a host may return values the
-//! SDK's enum does not list).
+//! This is the only file that declares host imports. Native builds (unit
+//! tests, clippy, the config tools) get stubs that answer NotFound.
 
-use proxy_wasm::types::MapType;
-
-/// A proxy-wasm status code other than Ok (1 = NotFound, 2 = BadArgument, ...).
+/// A proxy-wasm status code other than Ok (1 NotFound, 2 BadArgument, 8 CasMismatch, ...).
 pub type Status = u32;
-const OK: u32 = 0;
-const NOT_FOUND: u32 = 1;
+pub const OK: u32 = 0;
+pub const NOT_FOUND: u32 = 1;
+pub const CAS_MISMATCH: u32 = 8;
+
+/// Header maps (proxy-wasm `MapType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Map {
+    RequestHeaders = 0,
+    ResponseHeaders = 2,
+    HttpCallResponseHeaders = 6,
+    GrpcReceiveInitialMetadata = 4,
+    GrpcReceiveTrailingMetadata = 5,
+}
+
+/// Buffers (proxy-wasm `BufferType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Buffer {
+    ResponseBody = 1,
+    GrpcReceive = 5,
+    PluginConfiguration = 7,
+}
+
+/// Metric kinds (proxy-wasm `MetricType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MetricKind {
+    Counter = 0,
+    Gauge = 1,
+    Histogram = 2,
+}
 
 #[cfg(target_arch = "wasm32")]
 mod ffi {
     #[link(wasm_import_module = "env")]
     extern "C" {
+        pub fn proxy_log(level: u32, msg: *const u8, len: usize) -> u32;
+        pub fn proxy_get_current_time_nanoseconds(out: *mut u64) -> u32;
+        pub fn proxy_set_tick_period_milliseconds(ms: u32) -> u32;
+        pub fn proxy_get_buffer_bytes(kind: u32, start: usize, max: usize, out: *mut *mut u8, out_len: *mut usize) -> u32;
+        pub fn proxy_set_buffer_bytes(kind: u32, start: usize, size: usize, data: *const u8, len: usize) -> u32;
         pub fn proxy_get_header_map_value(map: u32, key: *const u8, key_len: usize, out: *mut *mut u8, out_len: *mut usize) -> u32;
         pub fn proxy_replace_header_map_value(map: u32, key: *const u8, key_len: usize, val: *const u8, val_len: usize) -> u32;
         pub fn proxy_add_header_map_value(map: u32, key: *const u8, key_len: usize, val: *const u8, val_len: usize) -> u32;
@@ -26,6 +56,11 @@ mod ffi {
         pub fn proxy_get_header_map_pairs(map: u32, out: *mut *mut u8, out_len: *mut usize) -> u32;
         pub fn proxy_get_property(path: *const u8, path_len: usize, out: *mut *mut u8, out_len: *mut usize) -> u32;
         pub fn proxy_set_property(path: *const u8, path_len: usize, val: *const u8, val_len: usize) -> u32;
+        pub fn proxy_get_shared_data(key: *const u8, key_len: usize, out: *mut *mut u8, out_len: *mut usize, cas: *mut u32) -> u32;
+        pub fn proxy_set_shared_data(key: *const u8, key_len: usize, val: *const u8, val_len: usize, cas: u32) -> u32;
+        pub fn proxy_define_metric(kind: u32, name: *const u8, name_len: usize, out: *mut u32) -> u32;
+        pub fn proxy_increment_metric(id: u32, offset: i64) -> u32;
+        pub fn proxy_record_metric(id: u32, value: u64) -> u32;
         pub fn proxy_send_local_response(
             status: u32,
             details: *const u8,
@@ -44,13 +79,44 @@ mod ffi {
             out: *mut *mut u8,
             out_len: *mut usize,
         ) -> u32;
+        pub fn proxy_continue_stream(stream: u32) -> u32;
+        pub fn proxy_set_effective_context(context: u32) -> u32;
+        pub fn proxy_dispatch_grpc_call(
+            upstream: *const u8,
+            upstream_len: usize,
+            service: *const u8,
+            service_len: usize,
+            method: *const u8,
+            method_len: usize,
+            initial_metadata: *const u8,
+            initial_metadata_len: usize,
+            message: *const u8,
+            message_len: usize,
+            timeout_ms: u32,
+            token: *mut u32,
+        ) -> u32;
     }
 }
 
-/// Native builds (unit tests, clippy) have no host: every call reports NotFound.
+/// Native builds have no host: every call reports NotFound.
 #[cfg(not(target_arch = "wasm32"))]
-#[allow(clippy::missing_safety_doc)]
+#[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
 mod ffi {
+    pub unsafe fn proxy_log(_: u32, _: *const u8, _: usize) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_get_buffer_bytes(_: u32, _: usize, _: usize, _: *mut *mut u8, _: *mut usize) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_set_buffer_bytes(_: u32, _: usize, _: usize, _: *const u8, _: usize) -> u32 {
+        1
+    }
     pub unsafe fn proxy_get_header_map_value(_: u32, _: *const u8, _: usize, _: *mut *mut u8, _: *mut usize) -> u32 {
         1
     }
@@ -72,23 +138,66 @@ mod ffi {
     pub unsafe fn proxy_set_property(_: *const u8, _: usize, _: *const u8, _: usize) -> u32 {
         1
     }
-    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn proxy_get_shared_data(_: *const u8, _: usize, _: *mut *mut u8, _: *mut usize, _: *mut u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_set_shared_data(_: *const u8, _: usize, _: *const u8, _: usize, _: u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_increment_metric(_: u32, _: i64) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_record_metric(_: u32, _: u64) -> u32 {
+        1
+    }
     pub unsafe fn proxy_send_local_response(_: u32, _: *const u8, _: usize, _: *const u8, _: usize, _: *const u8, _: usize, _: i32) -> u32 {
         1
     }
     pub unsafe fn proxy_call_foreign_function(_: *const u8, _: usize, _: *const u8, _: usize, _: *mut *mut u8, _: *mut usize) -> u32 {
         1
     }
+    pub unsafe fn proxy_continue_stream(_: u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_set_effective_context(_: u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_dispatch_grpc_call(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: u32,
+        _: *mut u32,
+    ) -> u32 {
+        1
+    }
 }
 
-/// Take ownership of a buffer the host allocated in our memory (through the
-/// SDK's exported `proxy_on_memory_allocate`).
+/// The allocator the host calls (through the module's exported
+/// `proxy_on_memory_allocate`) to hand us data: a boxed byte slice of exactly
+/// `size` bytes, which [`take`] turns back into a `Vec`.
+pub fn allocate(size: usize) -> *mut u8 {
+    let b: Box<[u8]> = vec![0u8; size].into_boxed_slice();
+    Box::into_raw(b).cast::<u8>()
+}
+
+/// Take ownership of a buffer the host allocated in our memory.
 fn take(ptr: *mut u8, len: usize) -> Vec<u8> {
-    if ptr.is_null() {
+    if ptr.is_null() || len == 0 {
         return Vec::new();
     }
     // SAFETY: the host wrote `len` bytes into a buffer of exactly `len` bytes
-    // allocated by our allocator for this call, and hands it over to us.
+    // that `allocate` made for this call, and hands it over to us.
     unsafe { Vec::from_raw_parts(ptr, len, len) }
 }
 
@@ -100,12 +209,7 @@ fn status(s: u32) -> Result<(), Status> {
     }
 }
 
-/// A header value as raw bytes; `Ok(None)` when absent.
-pub fn get_header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
-    let mut ptr = std::ptr::null_mut();
-    let mut len = 0usize;
-    // SAFETY: pointers to live locals and to `name`'s bytes, valid for the call.
-    let s = unsafe { ffi::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len) };
+fn fetch(s: u32, ptr: *mut u8, len: usize) -> Result<Option<Vec<u8>>, Status> {
     match s {
         OK => Ok(Some(take(ptr, len))),
         NOT_FOUND => Ok(None),
@@ -113,55 +217,69 @@ pub fn get_header(map: MapType, name: &str) -> Result<Option<Vec<u8>>, Status> {
     }
 }
 
-/// Every header of a map as text (bytes that are not UTF-8 replaced), in order.
-pub fn get_headers(map: MapType) -> Result<Vec<(String, String)>, Status> {
-    let mut ptr = std::ptr::null_mut();
-    let mut len = 0usize;
-    // SAFETY: pointers to live locals, valid for the call.
-    let s = unsafe { ffi::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len) };
-    match s {
-        OK => Ok(parse_pairs(&take(ptr, len))),
-        NOT_FOUND => Ok(Vec::new()),
-        other => Err(other),
-    }
+/// Log a message at `level` (0 trace .. 5 critical).
+pub fn log(level: u32, msg: &str) {
+    // SAFETY: borrowed slice valid for the call.
+    let _ = unsafe { ffi::proxy_log(level, msg.as_ptr(), msg.len()) };
 }
 
-/// Decode the host's serialized header map (the layout of
-/// [`serialize_headers`]); a truncated buffer yields the pairs read so far.
-fn parse_pairs(b: &[u8]) -> Vec<(String, String)> {
-    let u32_at = |i: usize| b.get(i..i + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(|a| u32::from_le_bytes(a) as usize);
-    let Some(n) = u32_at(0) else { return Vec::new() };
-    let mut sizes = Vec::new();
-    for i in 0..n {
-        match (u32_at(4 + 8 * i), u32_at(8 + 8 * i)) {
-            (Some(k), Some(v)) => sizes.push((k, v)),
-            _ => return Vec::new(),
-        }
-    }
-    let mut at = 4 + 8 * n;
-    let mut out = Vec::with_capacity(n);
-    for (k, v) in sizes {
-        let (Some(key), Some(val)) = (b.get(at..at + k), b.get(at + k + 1..at + k + 1 + v)) else { break };
-        out.push((String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(val).into_owned()));
-        at += k + v + 2;
-    }
-    out
+/// The host's wall clock in nanoseconds since the epoch (0 if unavailable).
+pub fn now_nanos() -> u64 {
+    let mut t = 0u64;
+    // SAFETY: pointer to a live local.
+    let _ = unsafe { ffi::proxy_get_current_time_nanoseconds(&mut t) };
+    t
+}
+
+pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    status(unsafe { ffi::proxy_set_tick_period_milliseconds(ms) })
+}
+
+/// Bytes `start..start+max` of a buffer; `Ok(None)` when there is none.
+pub fn get_buffer(kind: Buffer, start: usize, max: usize) -> Result<Option<Vec<u8>>, Status> {
+    let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: pointers to live locals.
+    let s = unsafe { ffi::proxy_get_buffer_bytes(kind as u32, start, max, &mut ptr, &mut len) };
+    fetch(s, ptr, len)
+}
+
+/// Replace bytes `start..start+size` of a buffer with `data`.
+pub fn set_buffer(kind: Buffer, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
+    // SAFETY: borrowed slice valid for the call.
+    status(unsafe { ffi::proxy_set_buffer_bytes(kind as u32, start, size, data.as_ptr(), data.len()) })
+}
+
+/// A header value as raw bytes; `Ok(None)` when absent.
+pub fn get_header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: pointers to live locals and to `name`'s bytes, valid for the call.
+    let s = unsafe { ffi::proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut ptr, &mut len) };
+    fetch(s, ptr, len)
+}
+
+/// Every header of a map, serialized as the host sends it (see [`crate::headers`]).
+pub fn get_header_pairs(map: Map) -> Result<Vec<u8>, Status> {
+    let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: pointers to live locals, valid for the call.
+    let s = unsafe { ffi::proxy_get_header_map_pairs(map as u32, &mut ptr, &mut len) };
+    fetch(s, ptr, len).map(Option::unwrap_or_default)
 }
 
 /// Replace every value of header `name` with `value` (adds it when absent).
-pub fn replace_header(map: MapType, name: &str, value: &str) -> Result<(), Status> {
+pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
     // SAFETY: borrowed slices valid for the call.
     status(unsafe { ffi::proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// Add a value to header `name`, keeping existing ones.
-pub fn add_header(map: MapType, name: &str, value: &str) -> Result<(), Status> {
+pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
     // SAFETY: borrowed slices valid for the call.
     status(unsafe { ffi::proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// Remove every value of header `name`.
-pub fn remove_header(map: MapType, name: &str) -> Result<(), Status> {
+pub fn remove_header(map: Map, name: &str) -> Result<(), Status> {
     // SAFETY: borrowed slice valid for the call.
     match unsafe { ffi::proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) } {
         OK | NOT_FOUND => Ok(()),
@@ -184,14 +302,10 @@ fn property_path(path: &[&str]) -> Vec<u8> {
 /// A property's raw bytes; `Ok(None)` when absent.
 pub fn get_property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
     let p = property_path(path);
-    let mut ptr = std::ptr::null_mut();
-    let mut len = 0usize;
+    let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals and to `p`, valid for the call.
-    match unsafe { ffi::proxy_get_property(p.as_ptr(), p.len(), &mut ptr, &mut len) } {
-        OK => Ok(Some(take(ptr, len))),
-        NOT_FOUND => Ok(None),
-        other => Err(other),
-    }
+    let s = unsafe { ffi::proxy_get_property(p.as_ptr(), p.len(), &mut ptr, &mut len) };
+    fetch(s, ptr, len)
 }
 
 /// Set a property (filter state `wasm.<name>` for a one-segment path).
@@ -201,9 +315,45 @@ pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
     status(unsafe { ffi::proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
 }
 
+/// A shared-data value and its CAS token; `Ok(None)` when the key is absent.
+pub fn get_shared(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let (mut ptr, mut len, mut cas) = (std::ptr::null_mut(), 0usize, 0u32);
+    // SAFETY: pointers to live locals and borrowed slices, valid for the call.
+    let s = unsafe { ffi::proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas) };
+    fetch(s, ptr, len).map(|v| v.map(|v| (v, cas)))
+}
+
+/// Set a shared-data value; `cas` 0 sets unconditionally. `Ok(false)` on a
+/// CAS mismatch (someone else wrote first). The host ignores `cas` for a key
+/// that does not exist yet: there is no atomic create.
+pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<bool, Status> {
+    // SAFETY: borrowed slices valid for the call.
+    match unsafe { ffi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
+        OK => Ok(true),
+        CAS_MISMATCH => Ok(false),
+        other => Err(other),
+    }
+}
+
+pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: borrowed slice and a live local.
+    status(unsafe { ffi::proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
+}
+
+pub fn increment_metric(id: u32, by: i64) -> Result<(), Status> {
+    // SAFETY: plain values.
+    status(unsafe { ffi::proxy_increment_metric(id, by) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    // SAFETY: plain values.
+    status(unsafe { ffi::proxy_record_metric(id, value) })
+}
+
 /// Headers for a local reply: a u32 count, each name and value length as
 /// u32, then each name and value followed by NUL (little-endian).
-fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>());
     out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     for (k, v) in headers {
@@ -219,23 +369,69 @@ fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-/// Send a local reply with `details` as the response code details (shown by
-/// `%RESPONSE_CODE_DETAILS%` in access logs).
-pub fn send_local_response(status_code: u32, details: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+/// Send a local reply. `details` shows in `%RESPONSE_CODE_DETAILS%`.
+/// `grpc_status` is what a gRPC client receives (Envoy answers a gRPC request
+/// with HTTP 200, `grpc-status` and `grpc-message` = `body`); without it Envoy
+/// would map the HTTP status (429 to 14 UNAVAILABLE, which clients retry).
+pub fn send_local_response(
+    status_code: u32,
+    details: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    grpc_status: Option<u32>,
+) -> Result<(), Status> {
     let h = serialize_headers(headers);
+    let grpc = grpc_status.and_then(|g| i32::try_from(g).ok()).unwrap_or(-1);
     // SAFETY: borrowed slices valid for the call.
     status(unsafe {
-        ffi::proxy_send_local_response(status_code, details.as_ptr(), details.len(), body.as_ptr(), body.len(), h.as_ptr(), h.len(), -1)
+        ffi::proxy_send_local_response(status_code, details.as_ptr(), details.len(), body.as_ptr(), body.len(), h.as_ptr(), h.len(), grpc)
     })
 }
 
 /// Call a host foreign function without arguments; its result bytes if any.
 pub fn call_foreign_function(name: &str) -> Result<Vec<u8>, Status> {
-    let mut ptr = std::ptr::null_mut();
-    let mut len = 0usize;
+    let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals and borrowed slices, valid for the call.
     let s = unsafe { ffi::proxy_call_foreign_function(name.as_ptr(), name.len(), std::ptr::null(), 0, &mut ptr, &mut len) };
     status(s).map(|()| take(ptr, len))
+}
+
+/// Resume a paused request (stream type 0: request).
+pub fn continue_request() -> Result<(), Status> {
+    // SAFETY: plain value.
+    status(unsafe { ffi::proxy_continue_stream(0) })
+}
+
+/// Make later hostcalls act on context `id` (for callbacks that arrive on the root).
+pub fn set_effective_context(id: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    status(unsafe { ffi::proxy_set_effective_context(id) })
+}
+
+/// Start a unary gRPC call to `cluster`; the answer arrives through the
+/// module's `proxy_on_grpc_*` exports with the returned token.
+pub fn dispatch_grpc_call(cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, Status> {
+    // An upstream is a serialized GrpcService; a bare cluster name is accepted by Envoy too.
+    let metadata = serialize_headers(&[]);
+    let mut token = 0u32;
+    // SAFETY: borrowed slices and a live local, valid for the call.
+    let s = unsafe {
+        ffi::proxy_dispatch_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    status(s).map(|()| token)
 }
 
 #[cfg(test)]
@@ -248,13 +444,5 @@ mod tests {
         assert_eq!(property_path(&["source", "address"]), b"source\0address");
         let h = serialize_headers(&[("a", "bc")]);
         assert_eq!(h, [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'b', b'c', 0]);
-        let two = serialize_headers(&[(":status", "200"), ("x", "\u{e9}")]);
-        assert_eq!(parse_pairs(&two), vec![(":status".to_string(), "200".to_string()), ("x".to_string(), "\u{e9}".to_string())]);
-        let mut bad = two.clone();
-        bad[29] = 0xff; // the middle byte of the first value, "200"
-        assert_eq!(parse_pairs(&bad)[0].1, "2\u{fffd}0");
-        assert!(parse_pairs(&two[..10]).is_empty());
-        assert_eq!(parse_pairs(&two[..two.len() - 3]).len(), 1);
-        assert!(parse_pairs(&[]).is_empty());
     }
 }

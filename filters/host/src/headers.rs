@@ -1,0 +1,119 @@
+//! Header maps as Envoy hands them over: one buffer read with one hostcall,
+//! values kept as the bytes the client sent.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// Every header of a map, parsed from the host's serialization: a u32 count,
+/// then a u32 name length and value length per header, then each name and
+/// value followed by a NUL byte (all little-endian).
+#[derive(Debug, Default, Clone)]
+pub struct HeaderMap {
+    buf: Vec<u8>,
+    entries: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl HeaderMap {
+    /// Parse a serialized map. A truncated or inconsistent buffer yields the
+    /// headers read before the damage (never a panic).
+    pub fn parse(buf: Vec<u8>) -> HeaderMap {
+        let u32_at = |i: usize| buf.get(i..i + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(|a| u32::from_le_bytes(a) as usize);
+        let mut entries = Vec::new();
+        if let Some(n) = u32_at(0) {
+            // Each header needs at least 10 bytes: never trust a huge count.
+            let n = n.min(buf.len() / 10);
+            let mut at = 4usize.saturating_add(8usize.saturating_mul(n));
+            for i in 0..n {
+                let (Some(k), Some(v)) = (u32_at(4 + 8 * i), u32_at(8 + 8 * i)) else { break };
+                let key = at..at.saturating_add(k);
+                let val_start = key.end.saturating_add(1);
+                let val = val_start..val_start.saturating_add(v);
+                if buf.get(key.clone()).is_none() || buf.get(val.clone()).is_none() {
+                    break;
+                }
+                at = val.end.saturating_add(1);
+                entries.push((key, val));
+            }
+        }
+        HeaderMap { buf, entries }
+    }
+
+    /// A map from name/value pairs (tests and tools).
+    pub fn from_pairs(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+        for (k, v) in pairs {
+            buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            buf.extend_from_slice(k.as_bytes());
+            buf.push(0);
+            buf.extend_from_slice(v);
+            buf.push(0);
+        }
+        HeaderMap::parse(buf)
+    }
+
+    /// Every (name, value) pair in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries.iter().filter_map(|(k, v)| Some((self.buf.get(k.clone())?, self.buf.get(v.clone())?)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// First value of `name` (lowercase); for `cookie`, every copy joined
+    /// with `"; "` (HTTP/2 clients send one header per cookie).
+    pub fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        let mut matching = self.iter().filter(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v);
+        let first = matching.next()?;
+        if name != "cookie" {
+            return Some(Cow::Borrowed(first));
+        }
+        match matching.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut all = [first, second].join(&b"; "[..]);
+                for more in matching {
+                    all.extend_from_slice(b"; ");
+                    all.extend_from_slice(more);
+                }
+                Some(Cow::Owned(all))
+            }
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.iter().any(|(k, _)| k == name.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn parses_and_survives_damage() {
+        let m = HeaderMap::from_pairs(&[(":status", b"200"), ("x", b"\xe9\xff"), ("cookie", b"a=1"), ("cookie", b"b=2")]);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.get("x").unwrap().as_ref(), b"\xe9\xff");
+        assert_eq!(m.get("cookie").unwrap().as_ref(), b"a=1; b=2");
+        assert!(m.get("y").is_none());
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&1000u32.to_le_bytes());
+        assert!(HeaderMap::parse(raw).is_empty());
+        let full = HeaderMap::from_pairs(&[("a", b"bc"), ("d", b"e")]).buf;
+        for cut in 0..full.len() {
+            let m = HeaderMap::parse(full[..cut].to_vec());
+            assert!(m.len() <= 2);
+        }
+        assert_eq!(HeaderMap::parse(full[..full.len() - 2].to_vec()).len(), 1);
+    }
+}

@@ -1,0 +1,393 @@
+//! Stages and the pipeline that runs them in one pass.
+//!
+//! A stage is one pattern's glue: it reads the request through [`Request`]
+//! (a view over the one header snapshot, with earlier stages' writes
+//! applied), asks its pattern's pure `decide`, and records what to change.
+//! The pipeline runs the stages in order, stops at the first local reply
+//! (later stages see the request only through [`Stage::after_local_reply`],
+//! so a metrics stage still counts it), and applies the collected header
+//! writes once. A single-pattern module is the pipeline with one stage.
+
+use std::borrow::Cow;
+use std::cell::OnceCell;
+
+use meshpatterns_core::error::{from_value, parse_value};
+use meshpatterns_core::scope::{MatchConfig, Matcher};
+use meshpatterns_core::{ConfigError, RequestView};
+use serde::de::DeserializeOwned;
+
+use crate::abi::{self, Map};
+use crate::headers::HeaderMap;
+
+/// What a stage decides for the request.
+#[derive(Debug)]
+pub enum Flow {
+    Continue,
+    /// Answer locally; later stages do not run.
+    Reply(LocalReply),
+}
+
+/// A local answer. `grpc_status` is what a gRPC client receives (8
+/// RESOURCE_EXHAUSTED for a limit, 3 INVALID_ARGUMENT for a missing key, 14
+/// UNAVAILABLE for a shard that is down); `body` becomes `grpc-message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub grpc_status: u32,
+    /// `%RESPONSE_CODE_DETAILS%` in access logs (no spaces).
+    pub details: &'static str,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// gRPC status codes used in local replies.
+pub mod grpc {
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNAVAILABLE: u32 = 14;
+    pub const INTERNAL: u32 = 13;
+}
+
+#[derive(Debug, Clone)]
+enum HeaderOp {
+    Set(String, Vec<u8>),
+    Remove(String),
+}
+
+/// The request as the stages see it, and what they change.
+pub struct Request<'a> {
+    headers: &'a HeaderMap,
+    ops: Vec<HeaderOp>,
+    state: Vec<(&'static str, String)>,
+    record_state: bool,
+    clear_route: bool,
+    context_id: u32,
+    source: OnceCell<Option<String>>,
+    now: OnceCell<u64>,
+}
+
+impl<'a> Request<'a> {
+    pub fn new(headers: &'a HeaderMap, context_id: u32) -> Request<'a> {
+        Request {
+            headers,
+            ops: Vec::new(),
+            state: Vec::new(),
+            record_state: true,
+            clear_route: false,
+            context_id,
+            source: OnceCell::new(),
+            now: OnceCell::new(),
+        }
+    }
+
+    /// The stream's context id (unique per VM; used to mint ids if the CSPRNG fails).
+    pub fn context_id(&self) -> u32 {
+        self.context_id
+    }
+
+    /// The host clock in nanoseconds, read once per request.
+    pub fn now_nanos(&self) -> u64 {
+        *self.now.get_or_init(abi::now_nanos)
+    }
+
+    /// Set a request header, replacing every copy the client sent.
+    pub fn set_header(&mut self, name: &str, value: impl Into<Vec<u8>>) {
+        self.ops.push(HeaderOp::Set(name.to_string(), value.into()));
+    }
+
+    /// Remove every copy of a request header.
+    pub fn remove_header(&mut self, name: &str) {
+        self.ops.push(HeaderOp::Remove(name.to_string()));
+    }
+
+    /// Ask Envoy to select the route again after the writes (only where the
+    /// route depends on a header a stage wrote; see `apply`).
+    pub fn clear_route_cache(&mut self) {
+        self.clear_route = true;
+    }
+
+    /// Record a decision as filter state `wasm.<key>` (skipped when the
+    /// stage's `filterState` is false).
+    pub fn record(&mut self, key: &'static str, value: impl Into<String>) {
+        if self.record_state {
+            self.state.push((key, value.into()));
+        }
+    }
+
+    /// Whether a header was in the request the client sent.
+    pub fn client_sent(&self, name: &str) -> bool {
+        self.headers.has(name)
+    }
+
+    /// Apply every change with one hostcall each.
+    ///
+    /// About `clear_route_cache`: Envoy 1.36–1.40 re-selects the route after
+    /// any request-header write from a module that declares ABI 0.2.1 (a
+    /// legacy behaviour Envoy 1.33's changelog ends for higher ABI versions),
+    /// so the call is not needed today; it is made anyway wherever the route
+    /// depends on a header we wrote, so a future ABI keeps routing right.
+    pub fn apply(self) {
+        for op in &self.ops {
+            let r = match op {
+                HeaderOp::Set(n, v) => abi::replace_header(Map::RequestHeaders, n, v).map_err(|s| (n, s)),
+                HeaderOp::Remove(n) => abi::remove_header(Map::RequestHeaders, n).map_err(|s| (n, s)),
+            };
+            if let Err((n, s)) = r {
+                log::warn!("cannot change request header {n}: status {s}");
+            }
+        }
+        if self.clear_route {
+            let _ = abi::call_foreign_function("clear_route_cache");
+        }
+        for (k, v) in &self.state {
+            if let Err(s) = abi::set_property(&[k], v.as_bytes()) {
+                log::warn!("cannot set filter state {k}: status {s}");
+            }
+        }
+    }
+}
+
+impl RequestView for Request<'_> {
+    fn header_bytes(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        for op in self.ops.iter().rev() {
+            match op {
+                HeaderOp::Set(n, v) if n == name => return Some(Cow::Borrowed(v)),
+                HeaderOp::Remove(n) if n == name => return None,
+                _ => {}
+            }
+        }
+        self.headers.get(name)
+    }
+    fn source_address(&self) -> Option<String> {
+        self.source.get_or_init(|| abi::get_property(&["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())).clone()
+    }
+}
+
+/// The response as the stages see it; changes go to Envoy at once.
+pub struct Response {
+    status: OnceCell<Option<u32>>,
+    pub end_of_stream: bool,
+}
+
+impl Response {
+    pub fn new(end_of_stream: bool) -> Response {
+        Response { status: OnceCell::new(), end_of_stream }
+    }
+    /// The `:status`, read once.
+    pub fn status(&self) -> Option<u32> {
+        *self.status.get_or_init(|| {
+            let b = abi::get_header(Map::ResponseHeaders, ":status").ok().flatten()?;
+            std::str::from_utf8(&b).ok()?.trim().parse().ok()
+        })
+    }
+    pub fn header(&self, name: &str) -> Option<Vec<u8>> {
+        abi::get_header(Map::ResponseHeaders, name).ok().flatten()
+    }
+    /// Set a header, replacing copies the upstream sent.
+    pub fn set_header(&mut self, name: &str, value: &str) {
+        if let Err(s) = abi::replace_header(Map::ResponseHeaders, name, value.as_bytes()) {
+            log::warn!("cannot set response header {name}: status {s}");
+        }
+    }
+    /// Add a header, keeping other copies (right for `set-cookie`).
+    pub fn add_header(&mut self, name: &str, value: &str) {
+        if let Err(s) = abi::add_header(Map::ResponseHeaders, name, value.as_bytes()) {
+            log::warn!("cannot add response header {name}: status {s}");
+        }
+    }
+    pub fn remove_header(&mut self, name: &str) {
+        if let Err(s) = abi::remove_header(Map::ResponseHeaders, name) {
+            log::warn!("cannot remove response header {name}: status {s}");
+        }
+    }
+}
+
+/// A chunk of the response body.
+pub struct Body {
+    pub size: usize,
+    pub end_of_stream: bool,
+}
+
+impl Body {
+    /// The buffered body so far.
+    pub fn read(&self) -> Vec<u8> {
+        abi::get_buffer(abi::Buffer::ResponseBody, 0, self.size).ok().flatten().unwrap_or_default()
+    }
+    /// Replace the buffered body.
+    pub fn replace(&mut self, text: &[u8]) {
+        if let Err(s) = abi::set_buffer(abi::Buffer::ResponseBody, 0, self.size, text) {
+            log::warn!("cannot replace the response body: status {s}");
+        }
+    }
+}
+
+/// What to do with a body chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFlow {
+    Continue,
+    /// Keep buffering until the end of the stream.
+    Buffer,
+}
+
+/// One pattern's glue, run as a stage.
+pub trait Stage {
+    /// Per-request state kept from the request to the response.
+    type Stream: Default;
+    fn on_request(&self, req: &mut Request<'_>, st: &mut Self::Stream) -> Flow;
+    /// An earlier stage answered locally; this stage did not decide.
+    fn after_local_reply(&self, _req: &mut Request<'_>, _st: &mut Self::Stream) {}
+    fn on_response(&self, _resp: &mut Response, _st: &mut Self::Stream) {}
+    fn on_response_body(&self, _body: &mut Body, _st: &mut Self::Stream) -> BodyFlow {
+        BodyFlow::Continue
+    }
+    fn on_log(&self, _st: &mut Self::Stream) {}
+    /// Periodic work (flush batched counters).
+    fn on_tick(&self) {}
+}
+
+/// A pattern: a stage with a config, a name and a pipeline key.
+pub trait Pattern: Stage + Sized {
+    /// Filter name in logs (`rate-limiter`).
+    const NAME: &'static str;
+    /// Key of this stage in a pipeline config (`rateLimit`).
+    const STAGE: &'static str;
+    type Config: DeserializeOwned;
+    fn build(config: Self::Config) -> Result<Self, ConfigError>;
+}
+
+/// A stage with its scope.
+pub struct Scoped<S> {
+    pub scope: Option<Matcher>,
+    pub stage: S,
+    pub filter_state: bool,
+    /// `meshpatterns.<filter>.skipped`: requests outside the scope.
+    pub skipped: Option<crate::BatchedCounter>,
+}
+
+/// Keys every stage accepts besides its pattern's own config.
+pub const SCOPE_KEY: &str = "match";
+pub const FILTER_STATE_KEY: &str = "filterState";
+
+/// Take the stage-level keys (`match`, `filterState`) out of a config object.
+pub fn take_scope(v: &mut serde_json::Value, at: &str) -> Result<(Option<Matcher>, bool), ConfigError> {
+    let Some(obj) = v.as_object_mut() else { return Ok((None, true)) };
+    let scope = match obj.remove(SCOPE_KEY) {
+        None => None,
+        Some(m) => {
+            let field = join(at, SCOPE_KEY);
+            let c: MatchConfig = from_value(m, &field)?;
+            let m = Matcher::try_new(&c).map_err(|e| e.at(&field))?;
+            (!m.is_empty()).then_some(m)
+        }
+    };
+    let fs = match obj.remove(FILTER_STATE_KEY) {
+        None => true,
+        Some(b) => from_value::<bool>(b, &join(at, FILTER_STATE_KEY))?,
+    };
+    Ok((scope, fs))
+}
+
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{a}.{b}")
+    }
+}
+
+/// Parse and build one pattern's stage from its config value; errors name
+/// the field under `at` (`stages[1].rateLimit`).
+pub fn build_stage<P: Pattern>(mut v: serde_json::Value, at: &str) -> Result<Scoped<P>, ConfigError> {
+    let (scope, filter_state) = take_scope(&mut v, at)?;
+    let config: P::Config = from_value(v, at)?;
+    let stage = P::build(config).map_err(|e| if at.is_empty() { e } else { e.at(at) })?;
+    let skipped = scope.as_ref().map(|_| crate::BatchedCounter::new(&format!("meshpatterns.{}.skipped", P::NAME.replace('-', "_"))));
+    Ok(Scoped { scope, stage, filter_state, skipped })
+}
+
+/// A single-pattern module's config: the pattern's config plus `match` and `filterState`.
+pub fn parse_single<P: Pattern>(bytes: &[u8]) -> Result<Pipeline<P>, ConfigError> {
+    let v = parse_value(bytes)?;
+    Ok(Pipeline { stages: vec![build_stage::<P>(v, "")?] })
+}
+
+/// Stages run in order in one pass.
+pub struct Pipeline<S> {
+    pub stages: Vec<Scoped<S>>,
+}
+
+/// Per-stream state of a pipeline: one slot per stage (`None`: out of scope).
+pub struct StreamState<S: Stage> {
+    pub stages: Vec<Option<S::Stream>>,
+}
+
+impl<S: Stage> Default for StreamState<S> {
+    fn default() -> Self {
+        StreamState { stages: Vec::new() }
+    }
+}
+
+impl<S: Stage> Pipeline<S> {
+    /// Run the request side; returns the local reply to send, if any. The
+    /// caller sends it after releasing its own borrows (Envoy runs the
+    /// response callbacks for a local reply before the send returns).
+    pub fn on_request(&self, req: &mut Request<'_>, st: &mut StreamState<S>) -> Option<LocalReply> {
+        let mut reply = None;
+        st.stages = Vec::with_capacity(self.stages.len());
+        for s in &self.stages {
+            if s.scope.as_ref().is_some_and(|m| !m.matches(&*req)) {
+                if let Some(c) = &s.skipped {
+                    c.inc();
+                }
+                st.stages.push(None);
+                continue;
+            }
+            req.record_state = s.filter_state;
+            let mut stream = S::Stream::default();
+            if reply.is_some() {
+                s.stage.after_local_reply(req, &mut stream);
+            } else if let Flow::Reply(r) = s.stage.on_request(req, &mut stream) {
+                reply = Some(r);
+            }
+            st.stages.push(Some(stream));
+        }
+        reply
+    }
+
+    pub fn on_response(&self, resp: &mut Response, st: &mut StreamState<S>) {
+        for (s, stream) in self.stages.iter().zip(st.stages.iter_mut()) {
+            if let Some(stream) = stream {
+                s.stage.on_response(resp, stream);
+            }
+        }
+    }
+
+    pub fn on_response_body(&self, body: &mut Body, st: &mut StreamState<S>) -> BodyFlow {
+        let mut flow = BodyFlow::Continue;
+        for (s, stream) in self.stages.iter().zip(st.stages.iter_mut()) {
+            if let Some(stream) = stream {
+                if s.stage.on_response_body(body, stream) == BodyFlow::Buffer {
+                    flow = BodyFlow::Buffer;
+                }
+            }
+        }
+        flow
+    }
+
+    pub fn on_log(&self, st: &mut StreamState<S>) {
+        for (s, stream) in self.stages.iter().zip(st.stages.iter_mut()) {
+            if let Some(stream) = stream {
+                s.stage.on_log(stream);
+            }
+        }
+    }
+
+    pub fn on_tick(&self) {
+        for s in &self.stages {
+            s.stage.on_tick();
+            if let Some(c) = &s.skipped {
+                c.flush();
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The generic root: what every module's exported callbacks call into.
+//!
+//! One `Vm` per wasm VM (one per Envoy worker) holds the root contexts (one
+//! per plugin config; a config reload adds a new one and deletes the old
+//! one) and the state of each live stream. Nothing here decides anything:
+//! it looks up, calls the pipeline, applies.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use meshpatterns_core::ConfigError;
+
+use crate::abi;
+use crate::headers::HeaderMap;
+use crate::stage::{Body, BodyFlow, LocalReply, Pipeline, Request, Response, Stage, StreamState};
+
+/// Envoy's filter status values.
+pub const CONTINUE: u32 = 0;
+pub const PAUSE: u32 = 1;
+
+struct Stream<S: Stage> {
+    root: Rc<Pipeline<S>>,
+    state: StreamState<S>,
+}
+
+/// The VM's roots and streams.
+pub struct Vm<S: Stage> {
+    module: &'static str,
+    parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>,
+    roots: HashMap<u32, Rc<Pipeline<S>>>,
+    streams: HashMap<u32, Stream<S>>,
+    ticking: bool,
+}
+
+impl<S: Stage> Vm<S> {
+    pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
+        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), ticking: false }
+    }
+
+    /// `proxy_on_context_create`: a root (parent 0) or a stream of root `parent`.
+    pub fn context_create(vm: &RefCell<Vm<S>>, id: u32, parent: u32) {
+        let mut vm = vm.borrow_mut();
+        if parent == 0 {
+            return;
+        }
+        if let Some(root) = vm.roots.get(&parent).cloned() {
+            vm.streams.insert(id, Stream { root, state: StreamState::default() });
+        }
+    }
+
+    /// `proxy_on_configure`: parse the plugin config; false makes Envoy reject it.
+    pub fn configure(vm: &RefCell<Vm<S>>, root: u32) -> bool {
+        let bytes = match abi::get_buffer(abi::Buffer::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(s) => {
+                log::error!("{}: cannot read the plugin configuration: status {s}", vm.borrow().module);
+                return false;
+            }
+        };
+        let mut vm = vm.borrow_mut();
+        match (vm.parse)(&bytes) {
+            Ok(p) => {
+                vm.roots.insert(root, Rc::new(p));
+                if !vm.ticking {
+                    vm.ticking = abi::set_tick_period_ms(crate::FLUSH_PERIOD_MS).is_ok();
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("{}: {e}", vm.module);
+                false
+            }
+        }
+    }
+
+    /// `proxy_on_request_headers`.
+    pub fn request_headers(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
+        let reply = {
+            let mut guard = vm.borrow_mut();
+            let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
+            let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
+            let mut req = Request::new(&headers, id);
+            let root = Rc::clone(&stream.root);
+            let reply = root.on_request(&mut req, &mut stream.state);
+            req.apply();
+            reply
+        };
+        // Envoy runs this module's response callbacks for the local reply
+        // before `send_local_response` returns: no borrow may be held here.
+        match reply {
+            Some(r) => {
+                send(&r);
+                PAUSE
+            }
+            None => CONTINUE,
+        }
+    }
+
+    /// `proxy_on_response_headers`.
+    pub fn response_headers(vm: &RefCell<Vm<S>>, id: u32, end_of_stream: bool) -> u32 {
+        let mut guard = vm.borrow_mut();
+        if let Some(stream) = guard.streams.get_mut(&id) {
+            let root = Rc::clone(&stream.root);
+            root.on_response(&mut Response::new(end_of_stream), &mut stream.state);
+        }
+        CONTINUE
+    }
+
+    /// `proxy_on_response_body`.
+    pub fn response_body(vm: &RefCell<Vm<S>>, id: u32, size: usize, end_of_stream: bool) -> u32 {
+        let mut guard = vm.borrow_mut();
+        let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
+        let root = Rc::clone(&stream.root);
+        match root.on_response_body(&mut Body { size, end_of_stream }, &mut stream.state) {
+            BodyFlow::Buffer => PAUSE,
+            BodyFlow::Continue => CONTINUE,
+        }
+    }
+
+    /// `proxy_on_log`.
+    pub fn on_log(vm: &RefCell<Vm<S>>, id: u32) {
+        let mut guard = vm.borrow_mut();
+        if let Some(stream) = guard.streams.get_mut(&id) {
+            let root = Rc::clone(&stream.root);
+            root.on_log(&mut stream.state);
+        }
+    }
+
+    /// `proxy_on_tick` (every root of this VM ticks; flush once per tick).
+    pub fn tick(vm: &RefCell<Vm<S>>, root: u32) {
+        let guard = vm.borrow();
+        if let Some(p) = guard.roots.get(&root) {
+            p.on_tick();
+        }
+        crate::flush_module_counters();
+    }
+
+    /// `proxy_on_delete`: a stream ended, or a root was replaced.
+    pub fn delete(vm: &RefCell<Vm<S>>, id: u32) {
+        let mut vm = vm.borrow_mut();
+        if vm.streams.remove(&id).is_none() {
+            if let Some(p) = vm.roots.remove(&id) {
+                // Counts not yet flushed would be lost with the old config.
+                p.on_tick();
+            }
+        }
+    }
+
+    /// Live streams and roots (tests, soak diagnostics).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.streams.len(), self.roots.len())
+    }
+}
+
+fn send(r: &LocalReply) {
+    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    if let Err(s) = abi::send_local_response(r.status, r.details, &headers, r.body.as_bytes(), Some(r.grpc_status)) {
+        log::error!("cannot send local reply {}: status {s}", r.status);
+    }
+}
+
+/// Define a module's exports. The first argument names the module (for
+/// logs), the second the stage type, the third a `fn(&[u8]) ->
+/// Result<Pipeline<S>, ConfigError>`; then the optional callbacks the module
+/// needs, out of `response_headers`, `response_body`, `log`. Every module
+/// exports the ABI version, the allocator, `_initialize`, context creation,
+/// VM start, configure, request headers, tick and delete.
+#[macro_export]
+macro_rules! export_module {
+    ($name:expr, $stage:ty, $parse:expr $(, $extra:ident)* $(,)?) => {
+        thread_local! {
+            static __MESHPATTERNS_VM: ::std::cell::RefCell<$crate::vm::Vm<$stage>> =
+                ::std::cell::RefCell::new($crate::vm::Vm::new($name, $parse));
+        }
+
+        #[cfg(target_os = "wasi")]
+        extern "C" {
+            fn __wasm_call_ctors();
+        }
+
+        #[no_mangle]
+        pub extern "C" fn _initialize() {
+            #[cfg(target_os = "wasi")]
+            // SAFETY: the reactor's constructors, run once before anything else.
+            unsafe {
+                __wasm_call_ctors();
+            }
+            $crate::init($name);
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+            $crate::abi::allocate(size)
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_vm_start(_root: u32, _size: usize) -> u32 {
+            1
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_context_create(id: u32, parent: u32) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::context_create(vm, id, parent))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_configure(root: u32, _size: usize) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| u32::from($crate::vm::Vm::configure(vm, root)))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_headers(id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::request_headers(vm, id))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_tick(root: u32) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::tick(vm, root))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_delete(id: u32) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::delete(vm, id))
+        }
+
+        $( $crate::export_module!(@extra $extra); )*
+    };
+    (@extra response_headers) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_headers(id: u32, _headers: usize, end_of_stream: u32) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::response_headers(vm, id, end_of_stream != 0))
+        }
+    };
+    (@extra response_body) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_body(id: u32, size: usize, end_of_stream: u32) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::response_body(vm, id, size, end_of_stream != 0))
+        }
+    };
+    (@extra log) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_log(id: u32) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::on_log(vm, id))
+        }
+    };
+}
