@@ -11,7 +11,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 ENVOY_VERSION ?= 1.40.0
-FILTERS       := consistent-hash metrics-adapter shard-router experiment-splitter rate-limiter
+# The filters are the folders of filters/ with a config.schema.json: the
+# patterns and the `meshpatterns` pipeline. A new pattern is a folder plus one
+# line in the pipeline's `stages!` registry (filters/meshpatterns/src/lib.rs).
+FILTERS       := $(sort $(patsubst filters/%/config.schema.json,%,$(wildcard filters/*/config.schema.json)))
 MODULES       := noop $(FILTERS)
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
@@ -60,7 +63,9 @@ test: toolchain build envoy wasm-bindgen schema-deps ## run every test: lint, un
 
 .PHONY: build
 build: toolchain apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
-	cargo build -q --release --target $(WASM_TARGET) $(addprefix -p ,$(MODULES))
+	@# One cargo run per module: built together, feature unification would
+	@# turn on every pattern's `module` exports inside the pipeline module.
+	@for m in $(MODULES); do cargo build -q --release --target $(WASM_TARGET) -p $$m; done
 	@mkdir -p $(DIST)
 	@for m in $(MODULES); do \
 		f=$${m//-/_}.wasm; \

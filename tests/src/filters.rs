@@ -9,18 +9,21 @@
 //! own types.
 
 use crate::paths;
-use meshpatterns_core::error::{parse_json, ConfigError};
+use meshpatterns_core::error::ConfigError;
 use std::path::PathBuf;
 
-/// Filter names from the Makefile's `FILTERS :=` line (`consistent-hash`, ...).
+/// The filters, as the Makefile's `FILTERS` finds them: the folders of
+/// filters/ with a config.schema.json (`consistent-hash`, ..., `meshpatterns`).
 pub fn names() -> Vec<String> {
-    let path = paths::repo().join("Makefile");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("FILTERS").map(str::trim_start).and_then(|l| l.strip_prefix(":=")))
-        .unwrap_or_else(|| panic!("{}: no `FILTERS :=` line", path.display()));
-    line.split_whitespace().map(str::to_string).collect()
+    let dir = paths::repo().join("filters");
+    let mut out: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("config.schema.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
 }
 
 /// `rate-limiter` -> `rate_limiter.wasm`.
@@ -84,59 +87,113 @@ pub fn istio_documents() -> Vec<(String, serde_norway::Value)> {
 /// `#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]`) validated by
 /// `logic::Settings::try_from_config`. Registering a filter is one line here,
 /// plus its path dependency with `features = ["schema"]` in tests/Cargo.toml.
-macro_rules! registry {
-    ($($name:literal => $krate:ident),* $(,)?) => {
-        /// Parse a plugin config (JSON bytes, as Envoy hands it to
-        /// `on_configure`) with the config code of the filter it is for,
-        /// including validation into the runtime type. `None`: no parser
-        /// registered for that filter.
-        pub fn parse_config(filter: &str, json: &[u8]) -> Option<Result<(), ConfigError>> {
-            Some(match filter {
-                $($name => parse_json::<$krate::logic::Config>(json)
-                    .map_err(|e| with_path::<$krate::logic::Config>(json, e))
-                    .and_then($krate::logic::Settings::try_from_config)
-                    .map(|_| ()),)*
-                _ => return None,
-            })
-        }
-
-        fn generated_schema(filter: &str) -> Option<schemars::Schema> {
-            Some(match filter {
-                $($name => schemars::schema_for!($krate::logic::Config),)*
-                _ => return None,
-            })
-        }
-    };
+/// Parse a plugin config (JSON bytes, as Envoy hands it to `on_configure`)
+/// with the parser of the module it is for, exactly as the module does
+/// (the registry is the pipeline's `stages!` list). `None`: no such filter.
+pub fn parse_config(filter: &str, json: &[u8]) -> Option<Result<(), ConfigError>> {
+    meshpatterns::parse_module(filter, json)
 }
 
-registry! {
-    "consistent-hash" => consistent_hash,
-    "experiment-splitter" => experiment_splitter,
-    "metrics-adapter" => metrics_adapter,
-    "shard-router" => shard_router,
-    "rate-limiter" => rate_limiter,
+/// The schema of the stage-level keys every filter accepts (`match`, `filterState`).
+fn scope_properties() -> serde_json::Value {
+    let m = serde_json::to_value(schemars::schema_for!(meshpatterns_core::scope::MatchConfig)).unwrap_or_default();
+    serde_json::json!({
+        "match": m,
+        "filterState": {"type": "boolean", "default": true, "description": "Record the decisions as filter state for access logs (one hostcall per value; false skips it)."}
+    })
 }
 
-/// serde's messages name the field but not where it is; for a document the
-/// parser rejected, find the path (`experiments[0].arms[1]`) and put it first.
-fn with_path<T: serde::de::DeserializeOwned>(json: &[u8], e: ConfigError) -> ConfigError {
-    if e.field != "(document)" {
-        return e;
-    }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    match serde_path_to_error::deserialize::<_, T>(&mut de) {
-        Err(located) if !matches!(located.path().to_string().as_str(), "" | ".") => {
-            ConfigError { value: format!("at {}: {}", located.path(), located.inner()), ..e }
+/// Move a schema's `$defs` into `defs`, renaming them `<prefix>.<name>` and
+/// rewriting its `$ref`s to match.
+fn hoist_defs(v: &mut serde_json::Value, prefix: &str, defs: &mut serde_json::Map<String, serde_json::Value>) {
+    if let Some(own) = v.as_object_mut().and_then(|m| m.remove("$defs")) {
+        if let serde_json::Value::Object(own) = own {
+            for (k, mut d) in own {
+                rewrite_refs(&mut d, prefix);
+                defs.insert(format!("{prefix}.{k}"), d);
+            }
         }
-        _ => e,
     }
+    rewrite_refs(v, prefix);
+}
+
+fn rewrite_refs(v: &mut serde_json::Value, prefix: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::String(r)) = m.get_mut("$ref") {
+                if let Some(name) = r.strip_prefix("#/$defs/") {
+                    *r = format!("#/$defs/{prefix}.{name}");
+                }
+            }
+            for c in m.values_mut() {
+                rewrite_refs(c, prefix);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| rewrite_refs(c, prefix)),
+        _ => {}
+    }
+}
+
+/// A pattern's config schema with `match` and `filterState` added.
+fn pattern_schema_with_scope(filter: &str) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(meshpatterns::pattern_schema(filter)?).ok()?;
+    let mut defs = serde_json::Map::new();
+    let mut scope = scope_properties();
+    hoist_defs(&mut scope["match"], "match", &mut defs);
+    if let Some(m) = v.as_object_mut() {
+        if let Some(serde_json::Value::Object(own)) = m.remove("$defs") {
+            defs.extend(own);
+        }
+        if let Some(serde_json::Value::Object(props)) = m.get_mut("properties") {
+            if let serde_json::Value::Object(extra) = scope {
+                props.extend(extra);
+            }
+        }
+        if !defs.is_empty() {
+            m.insert("$defs".into(), defs.into());
+        }
+    }
+    Some(v)
+}
+
+fn generated_schema(filter: &str) -> Option<serde_json::Value> {
+    if filter != "meshpatterns" {
+        return pattern_schema_with_scope(filter);
+    }
+    // The pipeline: each stage is one pattern's config under its stage key.
+    let mut defs = serde_json::Map::new();
+    let mut variants = Vec::new();
+    for (name, key) in meshpatterns::PATTERNS {
+        let mut s = pattern_schema_with_scope(name)?;
+        hoist_defs(&mut s, key, &mut defs);
+        if let Some(m) = s.as_object_mut() {
+            m.remove("$schema");
+            m.remove("title");
+        }
+        defs.insert((*key).to_string(), s);
+        variants.push(serde_json::json!({
+            "type": "object",
+            "properties": {(*key): {"$ref": format!("#/$defs/{key}")}},
+            "required": [key],
+            "additionalProperties": false
+        }));
+    }
+    Some(serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "description": "The meshpatterns pipeline: ordered stages, each one pattern with exactly that filter's config.",
+        "type": "object",
+        "properties": {"stages": {"type": "array", "minItems": 1, "maxItems": meshpatterns::MAX_STAGES, "items": {"oneOf": variants}}},
+        "required": ["stages"],
+        "additionalProperties": false,
+        "$defs": defs
+    }))
 }
 
 /// The JSON Schema of a filter's pluginConfig, generated from its serde
 /// config type (`schemars`, behind the filter crate's `schema` feature, so the
 /// wasm module never carries it). `None`: the filter is not registered.
 pub fn config_schema(filter: &str) -> Option<serde_json::Value> {
-    let mut v = serde_json::to_value(generated_schema(filter)?).ok()?;
+    let mut v = generated_schema(filter)?;
     if let Some(m) = v.as_object_mut() {
         m.insert("title".into(), format!("{filter} pluginConfig").into());
         m.insert("$comment".into(), "Generated from the filter's Rust config type by `make schemas`; do not edit.".into());
