@@ -104,6 +104,9 @@ impl EnvoyBuilder {
             assert!(out.contains(from.as_str()), "{}: replacement target {from:?} not found", self.name);
             out = out.replace(from.as_str(), to);
         }
+        if crate::pipeline::enabled() {
+            out = crate::pipeline::as_pipeline(&out);
+        }
         out
     }
 

@@ -23,6 +23,7 @@ pub mod fixtures;
 pub mod load;
 pub mod origin;
 pub mod paths;
+pub mod pipeline;
 pub mod redis;
 pub mod tls;
 pub mod upstream;
