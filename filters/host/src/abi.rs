@@ -27,6 +27,7 @@ pub enum Map {
 #[repr(u32)]
 pub enum Buffer {
     ResponseBody = 1,
+    HttpCallResponseBody = 4,
     GrpcReceive = 5,
     PluginConfiguration = 7,
 }
@@ -81,6 +82,18 @@ mod ffi {
         ) -> u32;
         pub fn proxy_continue_stream(stream: u32) -> u32;
         pub fn proxy_set_effective_context(context: u32) -> u32;
+        pub fn proxy_http_call(
+            upstream: *const u8,
+            upstream_len: usize,
+            headers: *const u8,
+            headers_len: usize,
+            body: *const u8,
+            body_len: usize,
+            trailers: *const u8,
+            trailers_len: usize,
+            timeout_ms: u32,
+            token: *mut u32,
+        ) -> u32;
         pub fn proxy_dispatch_grpc_call(
             upstream: *const u8,
             upstream_len: usize,
@@ -163,6 +176,20 @@ mod ffi {
         1
     }
     pub unsafe fn proxy_set_effective_context(_: u32) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_http_call(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: u32,
+        _: *mut u32,
+    ) -> u32 {
         1
     }
     pub unsafe fn proxy_dispatch_grpc_call(
@@ -354,16 +381,21 @@ pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
 /// Headers for a local reply: a u32 count, each name and value length as
 /// u32, then each name and value followed by NUL (little-endian).
 pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>());
+    serialize_pairs(headers)
+}
+
+/// [`serialize_headers`] for names and values given as bytes or text.
+pub fn serialize_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(headers: &[(K, V)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.as_ref().len() + v.as_ref().len()).sum::<usize>());
     out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     for (k, v) in headers {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(k.as_ref().len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
     }
     for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(k.as_ref());
         out.push(0);
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v.as_ref());
         out.push(0);
     }
     out
@@ -400,6 +432,42 @@ pub fn call_foreign_function(name: &str) -> Result<Vec<u8>, Status> {
 pub fn continue_request() -> Result<(), Status> {
     // SAFETY: plain value.
     status(unsafe { ffi::proxy_continue_stream(0) })
+}
+
+/// Resume a paused response (stream type 1: response).
+pub fn continue_response() -> Result<(), Status> {
+    // SAFETY: plain value.
+    status(unsafe { ffi::proxy_continue_stream(1) })
+}
+
+/// Start an HTTP call to Envoy cluster `cluster` (headers must include
+/// `:method`, `:path` and `:authority`); the answer arrives through the
+/// module's `proxy_on_http_call_response` export with the returned token.
+pub fn dispatch_http_call<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    cluster: &str,
+    headers: &[(K, V)],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, Status> {
+    let h = serialize_pairs(headers);
+    let trailers = serialize_headers(&[]);
+    let mut token = 0u32;
+    // SAFETY: borrowed slices and a live local, valid for the call.
+    let s = unsafe {
+        ffi::proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            h.as_ptr(),
+            h.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    status(s).map(|()| token)
 }
 
 /// Make later hostcalls act on context `id` (for callbacks that arrive on the root).
@@ -444,5 +512,6 @@ mod tests {
         assert_eq!(property_path(&["source", "address"]), b"source\0address");
         let h = serialize_headers(&[("a", "bc")]);
         assert_eq!(h, [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'b', b'c', 0]);
+        assert_eq!(serialize_pairs(&[(&b"a"[..], &b"bc"[..])]), h);
     }
 }

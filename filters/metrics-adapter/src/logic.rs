@@ -1,10 +1,12 @@
 //! The adapter's decisions, free of proxy-wasm: the validated config, which
 //! labels a request's RED metrics carry, how labels are encoded into an Envoy
 //! stat name (the proxy-wasm ABI has no labels), the `stats_tags` regexes that
-//! turn them back into Prometheus labels, and the per-label cardinality cap.
+//! turn them back into Prometheus labels, and each label's value for a
+//! request. Which values of a capped label are admitted lives in
+//! [`crate::admission`].
 
 use meshpatterns_core::error::ConfigError;
-use meshpatterns_core::names;
+use meshpatterns_core::{names, RequestView};
 use serde::Deserialize;
 
 use crate::legacy::{LegacyConfig, LegacySpec};
@@ -310,36 +312,52 @@ pub fn stats_tags(s: &Settings) -> Vec<StatsTag> {
     s.labels().into_iter().map(|l| StatsTag { regex: format!(r"({}=\.=(.*?);\.;)", l.name), tag_name: l.name }).collect()
 }
 
-/// What to do with a label value not yet seen by this VM.
+/// The label values known when the request arrives; the rest (route,
+/// cluster, status class) are read when the stream ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
-    /// Already admitted (by any worker).
-    Known,
-    /// Room left: admit it (append to the shared list).
-    Admit,
-    /// The cap is reached: report [`OVERFLOW`].
-    Overflow,
+pub struct RequestLabels {
+    pub method: &'static str,
+    /// Sanitised header-label values, in `Settings::header_labels` order.
+    pub headers: Vec<String>,
 }
 
-/// Decide for `value` given the values admitted so far for a label with cap
-/// `max`. `none` and `other` are always allowed and do not count.
-pub fn admit(admitted: &[&str], max: u32, value: &str) -> Admission {
-    if value == NONE || value == OVERFLOW || admitted.contains(&value) {
-        Admission::Known
-    } else if admitted.len() < max as usize {
-        Admission::Admit
-    } else {
-        Admission::Overflow
+impl Default for RequestLabels {
+    fn default() -> Self {
+        RequestLabels { method: NONE, headers: Vec::new() }
     }
 }
 
-/// The admitted-values list as stored in shared data: one value per line.
-pub fn decode_admitted(bytes: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(bytes).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
+impl RequestLabels {
+    /// Read from the request as this stage sees it (in a pipeline, with the
+    /// headers earlier stages wrote). Header values that are not UTF-8 have
+    /// their bad bytes replaced before sanitising.
+    pub fn of(s: &Settings, req: &dyn RequestView) -> RequestLabels {
+        let method = method_label(req.method().as_deref());
+        let headers = s
+            .header_labels
+            .iter()
+            .map(|h| req.header(&h.header).map(|v| sanitize_value(&v)).unwrap_or_else(|| NONE.into()))
+            .collect();
+        RequestLabels { method, headers }
+    }
+
+    /// Every label value of the request in [`Settings::labels`] order:
+    /// `dimensions` are the `labelBy` properties as read (`None`: absent),
+    /// `code` the response code the client got (`None` or 0: no response).
+    pub fn values(&self, dimensions: &[Option<String>], code: Option<u64>) -> Vec<String> {
+        let mut out = Vec::with_capacity(dimensions.len() + 2 + self.headers.len());
+        out.extend(dimensions.iter().map(|d| d.as_deref().map(sanitize_value).unwrap_or_else(|| NONE.into())));
+        out.push(self.method.into());
+        out.push(status_class(code).into());
+        out.extend(self.headers.iter().cloned());
+        out
+    }
 }
 
-pub fn encode_admitted(values: &[String]) -> Vec<u8> {
-    values.join("\n").into_bytes()
+/// Envoy's `request.duration` (nanoseconds) in whole milliseconds, as the
+/// histogram records it; `None` for a negative value.
+pub fn duration_ms(nanos: i64) -> Option<u64> {
+    u64::try_from(nanos).ok().map(|ns| ns / 1_000_000)
 }
 
 #[cfg(test)]
@@ -432,14 +450,21 @@ mod tests {
     }
 
     #[test]
-    fn admission_caps_distinct_values() {
-        assert_eq!(admit(&[], 2, "a"), Admission::Admit);
-        assert_eq!(admit(&["a"], 2, "a"), Admission::Known);
-        assert_eq!(admit(&["a", "b"], 2, "c"), Admission::Overflow);
-        assert_eq!(admit(&["a", "b"], 2, "none"), Admission::Known);
-        assert_eq!(admit(&["a", "b"], 2, "other"), Admission::Known);
-        let v = vec!["a".to_string(), "b-c".to_string()];
-        assert_eq!(decode_admitted(&encode_admitted(&v)), v);
-        assert!(decode_admitted(b"").is_empty());
+    fn request_labels_in_label_order() {
+        use meshpatterns_core::key::StaticRequest;
+        let s = settings(r#"{"labelBy":["cluster","route"],"headerLabels":[{"header":"x-tenant","label":"tenant"},{"header":"x-plan"}]}"#)
+            .unwrap();
+        let req = StaticRequest::new("/a").with("x-tenant", "Acme Corp.eu");
+        let l = RequestLabels::of(&s, &req);
+        assert_eq!(l, RequestLabels { method: "GET", headers: vec!["Acme_Corp_eu".into(), "none".into()] });
+        let raw = StaticRequest::new("/a").with_bytes("x-tenant", b"\xff\xfeacme");
+        assert_eq!(RequestLabels::of(&s, &raw).headers[0], "______acme", "U+FFFD is 3 bytes, each one _");
+        let values = l.values(&[Some("outbound|80||app".into()), None], Some(429));
+        assert_eq!(values, ["outbound_80__app", "none", "GET", "4xx", "Acme_Corp_eu", "none"]);
+        let names: Vec<String> = s.labels().into_iter().map(|l| l.name).collect();
+        assert_eq!(names, ["cluster", "route", "method", "status_class", "tenant", "x_plan"]);
+        // No response at all (a reset): status_class none.
+        assert_eq!(RequestLabels::default().values(&[], None), ["none", "none"]);
+        assert_eq!((duration_ms(2_999_999), duration_ms(-1)), (Some(2), None));
     }
 }
