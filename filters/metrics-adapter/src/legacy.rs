@@ -5,6 +5,9 @@
 //! gauges as the config maps them. A body that cannot be parsed yields a
 //! valid exposition holding a comment with the reason and
 //! `meshpatterns_legacy_stats_parse_ok 0`, never a panic.
+//!
+//! Which requests are adapted ([`route`]) and what happens to their response
+//! headers and body ([`Rewrite`]) are decided here too; the stage applies.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -399,6 +402,118 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
+/// A request for an adapted endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Index of the endpoint in `Settings::legacy`.
+    pub index: usize,
+    /// The `:path` to send the app: its stats path and the client's query.
+    pub path: Vec<u8>,
+    /// A HEAD request (no body to rewrite is expected).
+    pub head: bool,
+}
+
+/// Which legacy endpoint, if any, a request is for: a GET or HEAD whose
+/// path without the query is exactly one endpoint's `path`. The stage then
+/// sets `:path` to [`Route::path`], removes `accept-encoding` (the body must
+/// reach the filter uncompressed) and has the route selected again.
+pub fn route(specs: &[LegacySpec], method: Option<&[u8]>, path: Option<&[u8]>) -> Option<Route> {
+    let head = match method? {
+        b"GET" => false,
+        b"HEAD" => true,
+        _ => return None,
+    };
+    let path = path?;
+    let (bare, query) = match path.iter().position(|b| *b == b'?') {
+        Some(i) => {
+            let (bare, rest) = path.split_at(i);
+            (bare, Some(rest))
+        }
+        None => (path, None),
+    };
+    let index = specs.iter().position(|s| s.path.as_bytes() == bare)?;
+    let spec = specs.get(index)?;
+    let mut target = spec.upstream_path.as_bytes().to_vec();
+    if let Some(q) = query {
+        // `q` starts with the `?`.
+        target.extend_from_slice(q);
+    }
+    Some(Route { index, path: target, head })
+}
+
+/// Where the rewrite of an adapted response is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rewrite {
+    /// Not rewriting (not adapted, not a 200, or done).
+    #[default]
+    Off,
+    /// Buffering the app's body until the end of the stream.
+    Buffering,
+    /// The body grew past `maxBodyBytes`: the error exposition was sent, the rest is dropped.
+    Dropping,
+}
+
+/// What the response headers of an adapted request mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Headers {
+    /// Not a 200: the app's answer goes to the scraper unchanged (Prometheus
+    /// marks the target down); count an upstream error.
+    PassUpstreamError,
+    /// A 200: set `content-type` to [`CONTENT_TYPE`], remove
+    /// `content-length` and `content-encoding`, then count a parse error if
+    /// `parse_error` (a 200 without a body to a GET).
+    Rewrite { parse_error: bool },
+}
+
+/// Counted outcomes of a body step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyStep {
+    /// Let the chunk through as it is.
+    Pass,
+    /// Hold the chunk: the body is buffered until the end of the stream.
+    Buffer,
+    /// Replace what is buffered by this error exposition (the body is over
+    /// `maxBodyBytes`); count a parse error.
+    TooLarge(String),
+    /// Replace the chunk by nothing (the rest of a body that was too large).
+    Drop,
+    /// The whole body is buffered: read it, [`LegacySpec::adapt`] it,
+    /// replace it; count it rewritten or a parse error as `parsed` says.
+    Adapt,
+}
+
+impl Rewrite {
+    /// The response headers of an adapted request arrived (`status`: the
+    /// `:status`; `end_of_stream`: no body follows).
+    pub fn on_headers(&mut self, status: Option<u32>, end_of_stream: bool, head: bool) -> Headers {
+        if status != Some(200) {
+            *self = Rewrite::Off;
+            return Headers::PassUpstreamError;
+        }
+        // No body (HEAD, or an empty 200): the client gets an empty
+        // exposition; for a GET that is a parse error.
+        *self = if end_of_stream { Rewrite::Off } else { Rewrite::Buffering };
+        Headers::Rewrite { parse_error: end_of_stream && !head }
+    }
+
+    /// A body chunk arrived; `size` is everything buffered so far.
+    pub fn on_body(&mut self, spec: &LegacySpec, size: usize, end_of_stream: bool) -> BodyStep {
+        match *self {
+            Rewrite::Off => BodyStep::Pass,
+            Rewrite::Dropping => BodyStep::Drop,
+            Rewrite::Buffering if size > spec.max_body_bytes => {
+                *self = if end_of_stream { Rewrite::Off } else { Rewrite::Dropping };
+                BodyStep::TooLarge(spec.too_large(size).text)
+            }
+            Rewrite::Buffering if !end_of_stream => BodyStep::Buffer,
+            Rewrite::Buffering => {
+                *self = Rewrite::Off;
+                BodyStep::Adapt
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -525,5 +640,59 @@ mod tests {
             let e = LegacySpec::try_from_config(c).unwrap_err();
             assert_eq!(e.field, field, "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn only_get_and_head_on_an_exact_path_are_adapted() {
+        let specs = vec![
+            spec(r#"{"path":"/metrics","upstreamPath":"/stats","format":"json"}"#),
+            spec(r#"{"path":"/metrics/info","upstreamPath":"/info","format":"keyValue"}"#),
+        ];
+        let r = |m: &str, p: &[u8]| route(&specs, Some(m.as_bytes()), Some(p));
+        assert_eq!(r("GET", b"/metrics"), Some(Route { index: 0, path: b"/stats".to_vec(), head: false }));
+        assert_eq!(r("HEAD", b"/metrics?debug=1&x=\xff"), Some(Route { index: 0, path: b"/stats?debug=1&x=\xff".to_vec(), head: true }));
+        assert_eq!(r("GET", b"/metrics/info?"), Some(Route { index: 1, path: b"/info?".to_vec(), head: false }));
+        for (m, p) in [("POST", &b"/metrics"[..]), ("get", b"/metrics"), ("GET", b"/metrics/"), ("GET", b"/Metrics"), ("GET", b"/stats"), ("GET", b"")] {
+            assert_eq!(r(m, p), None, "{m} {p:?}");
+        }
+        assert_eq!(route(&specs, None, Some(b"/metrics")), None);
+        assert_eq!(route(&specs, Some(b"GET"), None), None);
+        assert_eq!(route(&[], Some(b"GET"), Some(b"/metrics")), None);
+    }
+
+    #[test]
+    fn response_headers_decide_the_rewrite() {
+        let mut w = Rewrite::Off;
+        assert_eq!(w.on_headers(Some(503), false, false), Headers::PassUpstreamError);
+        assert_eq!(w, Rewrite::Off);
+        assert_eq!(w.on_headers(None, false, false), Headers::PassUpstreamError);
+        assert_eq!(w.on_headers(Some(200), false, false), Headers::Rewrite { parse_error: false });
+        assert_eq!(w, Rewrite::Buffering);
+        let mut w = Rewrite::Off;
+        assert_eq!(w.on_headers(Some(200), true, false), Headers::Rewrite { parse_error: true }, "an empty 200 to a GET");
+        assert_eq!(w, Rewrite::Off);
+        assert_eq!(w.on_headers(Some(200), true, true), Headers::Rewrite { parse_error: false }, "HEAD has no body");
+    }
+
+    #[test]
+    fn body_is_buffered_then_adapted_or_cut_at_the_limit() {
+        let s = spec(r#"{"path":"/m","upstreamPath":"/stats","format":"json","maxBodyBytes":1024}"#);
+        let mut w = Rewrite::Buffering;
+        assert_eq!(w.on_body(&s, 100, false), BodyStep::Buffer);
+        assert_eq!(w.on_body(&s, 1024, false), BodyStep::Buffer);
+        assert_eq!(w.on_body(&s, 1024, true), BodyStep::Adapt);
+        assert_eq!(w, Rewrite::Off);
+        assert_eq!(w.on_body(&s, 10, true), BodyStep::Pass);
+        // Over the limit mid-stream: the error exposition, then every later chunk dropped.
+        let mut w = Rewrite::Buffering;
+        let BodyStep::TooLarge(text) = w.on_body(&s, 1025, false) else { panic!("expected TooLarge") };
+        assert!(text.contains("more than 1024 bytes (1025 so far)"), "{text}");
+        assert_eq!(w, Rewrite::Dropping);
+        assert_eq!(w.on_body(&s, 4000, false), BodyStep::Drop);
+        assert_eq!(w.on_body(&s, 10, true), BodyStep::Drop);
+        // Over the limit in the last chunk: the error exposition, done.
+        let mut w = Rewrite::Buffering;
+        assert!(matches!(w.on_body(&s, 2000, true), BodyStep::TooLarge(_)));
+        assert_eq!(w, Rewrite::Off);
     }
 }

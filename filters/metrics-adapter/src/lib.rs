@@ -12,17 +12,30 @@
 //!    app's own stats endpoint (`/stats`, JSON or Redis-INFO-style text), and
 //!    the response body is rewritten into Prometheus text ([`legacy`]).
 //!
-//! All decisions live in [`logic`] and [`legacy`]; this file only reads and
-//! applies them.
+//! All decisions live in [`logic`] (config, label values), [`admission`]
+//! (which label values keep their own series, across worker VMs) and
+//! [`legacy`] (which requests are adapted, the rewrite); [`stage`] only
+//! reads, calls them and applies the result.
 
+pub mod admission;
 pub mod legacy;
 pub mod logic;
+pub mod stage;
 
-// The proxy-wasm glue exists only in the wasm module: natively this crate is
-// its pure logic, so test binaries can link several filters' logic at once
-// (each filter's `proxy_wasm::main!` defines the same `_initialize` symbol).
-#[cfg(target_arch = "wasm32")]
-mod glue;
+pub use stage::MetricsAdapter;
+
+// The module's exports, only in the wasm build of this crate as a module
+// (feature `module`, on by default; the pipeline module turns it off).
+// Response headers and body for the legacy rewrite, log for the RED metrics.
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
+meshpatterns_host::export_module!(
+    "metrics-adapter",
+    MetricsAdapter,
+    meshpatterns_host::stage::parse_single::<MetricsAdapter>,
+    response_headers,
+    response_body,
+    log
+);
 
 /// Counters for the legacy stats endpoints (no labels).
 pub const LEGACY_REWRITTEN: &str = "meshpatterns_legacy_stats.rewritten_total";
