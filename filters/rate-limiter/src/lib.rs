@@ -1,21 +1,29 @@
 //! rate-limiter: the rate-limiting and denial-of-service defence pattern for Envoy.
 //!
-//! Token buckets, one per (policy, key), answer 429 with `Retry-After` once a
-//! client has used its budget and tell every client its budget on every
-//! response (`X-RateLimit-*`). Buckets live in proxy-wasm shared data, updated
-//! with compare-and-swap, so all worker threads of one Envoy share one budget;
-//! a fixed number of hashed slots bounds their memory whatever keys clients send.
+//! Token buckets, one per (policy, key), answer 429 (gRPC: RESOURCE_EXHAUSTED)
+//! with `Retry-After` once a client has used its budget, and tell every
+//! client its budget on every response (`X-RateLimit-*`). Buckets live in a
+//! fixed table in proxy-wasm shared data, created before any traffic and
+//! updated only with compare-and-swap, so all worker threads of one Envoy
+//! share one exact budget per key and memory is fixed by `slots`.
 //!
-//! All decisions live in [`logic`]; `glue.rs` reads the request, hands the
-//! logic a shared-data store and the clock, and applies the decision.
+//! All decisions live in [`logic`]; [`stage`] reads the request, hands the
+//! logic the shared-data store and the clock, and applies the decision.
 
 pub mod logic;
+pub mod stage;
 
-// The proxy-wasm glue exists only in the wasm module: natively this crate is
-// its pure logic, so test binaries can link several filters' logic at once
-// (each filter's `proxy_wasm::main!` defines the same `_initialize` symbol).
-#[cfg(target_arch = "wasm32")]
-mod glue;
+pub use stage::RateLimiter;
+
+// The module's exports, only in the wasm build of this crate as a module
+// (feature `module`, on by default; the pipeline module turns it off).
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
+meshpatterns_host::export_module!(
+    "rate-limiter",
+    RateLimiter,
+    meshpatterns_host::stage::parse_single::<RateLimiter>,
+    response_headers
+);
 
 /// Filter state keys (`%FILTER_STATE(wasm.rate_limiter_decision:PLAIN)%`).
 pub const STATE_DECISION: &str = "rate_limiter_decision";

@@ -1,33 +1,34 @@
-//! The rate-limit decision, free of proxy-wasm.
+//! The rate-limit decision, free of the host.
 //!
 //! * [`config`]: the plugin config and its validation into [`Settings`].
-//! * [`bucket`]: token-bucket arithmetic and the slot encoding.
-//! * this module: allowlist and policy selection, key composition, the slot a
-//!   key lives in, the compare-and-swap loop over a [`SlotStore`], and the
-//!   headers and body the glue sends.
+//! * [`bucket`]: token-bucket arithmetic.
+//! * [`table`]: the bucket table in shared data (sets of slots, key
+//!   fingerprints, the compare-and-swap loop over a [`SlotStore`]).
+//! * this module: allowlist and policy selection, key composition, the
+//!   decision, and the headers and reply the stage sends.
 
 pub mod bucket;
 pub mod config;
+pub mod table;
 
 use std::net::IpAddr;
 
-use meshpatterns_core::hash::{bucket as hash_bucket, salted_hash64};
 use meshpatterns_core::key::client_address;
 use meshpatterns_core::RequestView;
 
-use bucket::{decode, encode, BucketParams, Take};
+use bucket::Take;
 pub use config::{Config, Match, Policy, Settings};
-
-/// Attempts at a compare-and-swap before the request is let through
-/// (fail-open) and counted in `meshpatterns.rate_limiter.fail_open`.
-pub const MAX_CAS_ATTEMPTS: u32 = 16;
+pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
+use table::{place, take_shared, Shared};
 
 impl Match {
-    /// Whether every condition of the rule holds for `req`.
+    /// Whether every condition of the rule holds for `req`. Paths and header
+    /// values are compared as the bytes the client sent.
     pub fn matches(&self, req: &dyn RequestView) -> bool {
         if let Some(prefix) = &self.path_prefix {
-            let path = req.path().unwrap_or_default();
-            if !path.split(['?', '#']).next().unwrap_or_default().starts_with(prefix.as_str()) {
+            let path = req.header_bytes(":path").unwrap_or_default();
+            let path = path.split(|b| *b == b'?' || *b == b'#').next().unwrap_or_default();
+            if !path.starts_with(prefix.as_bytes()) {
                 return false;
             }
         }
@@ -38,9 +39,9 @@ impl Match {
             }
         }
         for (name, want) in &self.headers {
-            match (req.header(name), want) {
+            match (req.header_bytes(name), want) {
                 (None, _) => return false,
-                (Some(v), Some(w)) if v.trim() != w => return false,
+                (Some(v), Some(w)) if v.trim_ascii() != w.as_bytes() => return false,
                 _ => {}
             }
         }
@@ -55,28 +56,26 @@ impl Match {
 }
 
 /// The combined key of a policy: every part, each length-prefixed
-/// (`le32(len) || bytes`), so ("ab", "c") and ("a", "bc") stay apart.
-/// `None` when any part is absent: the policy does not apply. Each part is at
-/// most [`meshpatterns_core::key::MAX_KEY_BYTES`] (longer values count as absent), so the key is bounded.
+/// (`le32(len) || bytes`), so ("ab", "c") and ("a", "bc") stay apart. Parts
+/// are the bytes the client sent (core's key sources). `None` when any part
+/// is absent: the policy does not apply. Each part is at most
+/// [`meshpatterns_core::key::MAX_KEY_BYTES`] (longer values count as absent),
+/// so the key is bounded.
 pub fn composite_key(policy: &Policy, req: &dyn RequestView) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(64);
     for part in &policy.key {
         let v = part.extract(req)?;
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(&v);
     }
     Some(out)
 }
 
-/// The slot index of a key: `XXH64(le32(len(policy)) || policy || key) mod slots`.
-pub fn slot_index(policy: &str, key: &[u8], slots: u32) -> u32 {
-    hash_bucket(salted_hash64(policy.as_bytes(), key), u64::from(slots)) as u32
-}
-
-/// The shared-data key of a slot: `rl:` and the index in hex (short, so the
-/// host stores it without an extra allocation).
-pub fn slot_key(index: u32) -> String {
-    format!("rl:{index:x}")
+/// The table a stage uses: its shape and the process's seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    pub layout: Layout,
+    pub seed: u64,
 }
 
 /// Which rule decides a request.
@@ -86,13 +85,13 @@ pub enum Selection {
     Allowlisted,
     /// No policy applies (no match, or a key part absent).
     Unmatched,
-    /// Policy `index` applies; its bucket lives in shared-data key `slot`.
-    Policy { index: usize, slot: String },
+    /// Policy `index` applies; its bucket lives at `at`.
+    Policy { index: usize, at: Placement },
 }
 
 /// Find the rule for `req`: the allowlist first, then the first policy whose
 /// match holds and whose key parts are all present.
-pub fn select(s: &Settings, req: &dyn RequestView) -> Selection {
+pub fn select(s: &Settings, table: &Table, req: &dyn RequestView) -> Selection {
     if s.allowlist.iter().any(|m| m.matches(req)) {
         return Selection::Allowlisted;
     }
@@ -101,71 +100,10 @@ pub fn select(s: &Settings, req: &dyn RequestView) -> Selection {
             continue;
         }
         if let Some(key) = composite_key(p, req) {
-            return Selection::Policy { index, slot: slot_key(slot_index(&p.name, &key, s.slots)) };
+            return Selection::Policy { index, at: place(table.seed, &p.name, &key, table.layout) };
         }
     }
     Selection::Unmatched
-}
-
-/// A stored slot: its bytes and the host's CAS token for them.
-pub type SlotValue = (Vec<u8>, Option<u32>);
-
-/// Shared storage with compare-and-swap, as proxy-wasm shared data offers it.
-/// The glue implements it over hostcalls; tests over a map.
-pub trait SlotStore {
-    /// The value and its CAS token, or `None` if the key was never written.
-    fn get(&mut self, key: &str) -> Result<Option<SlotValue>, String>;
-    /// Write `value` if the key's CAS token is still `cas` (`None`: write
-    /// unconditionally). `Ok(false)` on a CAS mismatch.
-    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String>;
-}
-
-/// The outcome of asking a shared bucket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shared {
-    /// The bucket answered; `conflicts` CAS mismatches were retried.
-    Taken { take: Take, conflicts: u32 },
-    /// Could not update the bucket (persistent conflict or host error): let
-    /// the request through.
-    FailOpen { reason: String, conflicts: u32 },
-}
-
-/// Take one request from the bucket in `slot`, retrying on CAS conflicts up
-/// to [`MAX_CAS_ATTEMPTS`] times. A limited request writes nothing.
-///
-/// A slot that was never written cannot be created atomically (the host's
-/// set ignores CAS for a missing key), so after creating one the value is
-/// read back: if another worker's write replaced it, the loop retries on
-/// that value instead of counting on the lost write.
-pub fn take_shared(store: &mut dyn SlotStore, slot: &str, params: &BucketParams, now_ns: u64) -> Shared {
-    let mut conflicts = 0;
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let current = match store.get(slot) {
-            Ok(v) => v,
-            Err(reason) => return Shared::FailOpen { reason, conflicts },
-        };
-        let (state, cas, exists) = match &current {
-            Some((bytes, cas)) => (decode(bytes), *cas, true),
-            None => (None, None, false),
-        };
-        let take = params.take(state, now_ns);
-        if !take.allowed {
-            return Shared::Taken { take, conflicts };
-        }
-        let value = encode(&take.state);
-        match store.set(slot, &value, cas) {
-            Ok(true) if exists && cas.is_some() => return Shared::Taken { take, conflicts },
-            Ok(true) => match store.get(slot) {
-                // created (or written without a CAS token): ours survived?
-                Ok(Some((bytes, _))) if bytes.as_slice() == value.as_slice() => return Shared::Taken { take, conflicts },
-                Ok(_) => conflicts += 1,
-                Err(reason) => return Shared::FailOpen { reason, conflicts },
-            },
-            Ok(false) => conflicts += 1,
-            Err(reason) => return Shared::FailOpen { reason, conflicts },
-        }
-    }
-    Shared::FailOpen { reason: format!("{MAX_CAS_ATTEMPTS} compare-and-swap conflicts in a row"), conflicts }
 }
 
 /// What happened to a request; its label goes to filter state.
@@ -202,31 +140,38 @@ pub struct Decision {
     pub take: Option<Take>,
     /// CAS conflicts retried.
     pub conflicts: u32,
+    /// The key's set was full of other keys' buckets (`tableFull` applied).
+    pub table_full: bool,
     /// Why the request failed open.
     pub fail_reason: Option<String>,
 }
 
 /// Decide for one request: select the rule, ask the shared bucket, apply shadow mode.
-pub fn decide(s: &Settings, req: &dyn RequestView, store: &mut dyn SlotStore, now_ns: u64) -> Decision {
-    let none = |verdict| Decision { verdict, policy: None, take: None, conflicts: 0, fail_reason: None };
-    let (index, slot) = match select(s, req) {
+pub fn decide(s: &Settings, table: &Table, req: &dyn RequestView, store: &mut dyn SlotStore, now_ns: u64) -> Decision {
+    let none = |verdict| Decision { verdict, policy: None, take: None, conflicts: 0, table_full: false, fail_reason: None };
+    let (index, at) = match select(s, table, req) {
         Selection::Allowlisted => return none(Verdict::Allowlisted),
         Selection::Unmatched => return none(Verdict::Unmatched),
-        Selection::Policy { index, slot } => (index, slot),
+        Selection::Policy { index, at } => (index, at),
     };
     let Some(policy) = s.policies.get(index) else { return none(Verdict::Unmatched) };
-    match take_shared(store, &slot, &policy.bucket, now_ns) {
-        Shared::Taken { take, conflicts } => {
+    match take_shared(store, table.layout, at, &policy.bucket, now_ns, s.table_full) {
+        Shared::Taken { take, conflicts, table_full } => {
             let verdict = match (take.allowed, policy.shadow) {
                 (true, _) => Verdict::Allowed,
                 (false, false) => Verdict::Limited,
                 (false, true) => Verdict::ShadowLimited,
             };
-            Decision { verdict, policy: Some(index), take: Some(take), conflicts, fail_reason: None }
+            Decision { verdict, policy: Some(index), take: Some(take), conflicts, table_full, fail_reason: None }
         }
-        Shared::FailOpen { reason, conflicts } => {
-            Decision { verdict: Verdict::FailOpen, policy: Some(index), take: None, conflicts, fail_reason: Some(reason) }
-        }
+        Shared::FailOpen { reason, conflicts, table_full } => Decision {
+            verdict: Verdict::FailOpen,
+            policy: Some(index),
+            take: None,
+            conflicts,
+            table_full,
+            fail_reason: Some(reason),
+        },
     }
 }
 
@@ -256,17 +201,27 @@ pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String
     h
 }
 
+/// Whether a request is gRPC (`content-type: application/grpc`, `+proto`, ...).
+pub fn is_grpc(req: &dyn RequestView) -> bool {
+    req.header_bytes("content-type").is_some_and(|v| v.trim_ascii().get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc")))
+}
+
 /// The local reply to a limited request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitedReply {
     pub status: u32,
-    /// The rate-limit headers, `Retry-After` and `content-type`.
+    /// What a gRPC client receives (Envoy answers gRPC requests with HTTP
+    /// 200, this `grpc-status` and the body as `grpc-message`).
+    pub grpc_status: u32,
+    /// The rate-limit headers, `Retry-After`, and `content-type` (not for gRPC).
     pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
-/// The local reply to a limited request; `None` unless the verdict is [`Verdict::Limited`].
-pub fn limited_reply(s: &Settings, d: &Decision) -> Option<LimitedReply> {
+/// The local reply to a limited request; `None` unless the verdict is
+/// [`Verdict::Limited`]. For a gRPC request the body (which becomes
+/// `grpc-message`) is text unless a custom body is configured.
+pub fn limited_reply(s: &Settings, d: &Decision, grpc: bool) -> Option<LimitedReply> {
     if d.verdict != Verdict::Limited {
         return None;
     }
@@ -274,12 +229,16 @@ pub fn limited_reply(s: &Settings, d: &Decision) -> Option<LimitedReply> {
     let policy = d.policy.and_then(|i| s.policies.get(i))?;
     let mut headers = response_headers(s, d);
     headers.push(("retry-after", take.retry_after_secs.to_string()));
-    headers.push(("content-type", "application/json".into()));
-    let body = match &s.limited.body {
-        Some(b) => b.clone(),
-        None => serde_json::json!({"error": "rate_limited", "policy": policy.name, "retryAfterSeconds": take.retry_after_secs}).to_string(),
+    let body = match (&s.limited.body, grpc) {
+        (Some(b), _) => b.clone(),
+        // Policy names are [a-z0-9_-]: nothing to escape.
+        (None, false) => format!(r#"{{"error":"rate_limited","policy":"{}","retryAfterSeconds":{}}}"#, policy.name, take.retry_after_secs),
+        (None, true) => format!("rate limited by policy {}; retry after {} s", policy.name, take.retry_after_secs),
     };
-    Some(LimitedReply { status: s.limited.status, headers, body })
+    if !grpc {
+        headers.push(("content-type", "application/json".into()));
+    }
+    Some(LimitedReply { status: s.limited.status, grpc_status: s.limited.grpc_status, headers, body })
 }
 
 #[cfg(test)]
@@ -289,6 +248,7 @@ mod tests {
 
     use meshpatterns_core::key::StaticRequest;
 
+    use super::table::{decode_set, prepare};
     use super::*;
 
     const SEC: u64 = 1_000_000_000;
@@ -298,39 +258,37 @@ mod tests {
         Settings::try_from_config(c).unwrap()
     }
 
-    /// A map with CAS tokens like Envoy's shared data; `steal` makes the
-    /// next n conditional writes fail as if another worker had written first.
-    #[derive(Default)]
-    struct MapStore {
-        data: HashMap<String, (Vec<u8>, u32)>,
-        next_cas: u32,
+    /// A prepared in-memory table for `s`, seed 0.
+    fn table(s: &Settings) -> (MemoryStore, Table) {
+        let mut store = MemoryStore::default();
+        let layout = Layout { slots: s.slots };
+        let seed = prepare(&mut store, layout, &mut || 0).unwrap();
+        (store, Table { layout, seed })
+    }
+
+    /// Envoy's shared data plus an adversary: `steal` makes the next n
+    /// conditional writes lose to another worker's write; `fail` makes every
+    /// call fail as a host error would.
+    struct Adversary {
+        inner: MemoryStore,
         steal: u32,
         fail: bool,
     }
 
-    impl SlotStore for MapStore {
-        fn get(&mut self, key: &str) -> Result<Option<SlotValue>, String> {
+    impl SlotStore for Adversary {
+        fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
             if self.fail {
                 return Err("host error".into());
             }
-            Ok(self.data.get(key).map(|(v, c)| (v.clone(), Some(*c))))
+            self.inner.get(key)
         }
-        fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
-            self.next_cas += 1;
-            if let (Some((_, cur)), Some(cas)) = (self.data.get(key), cas) {
-                if *cur != cas {
-                    return Ok(false);
-                }
-            }
-            if self.steal > 0 && cas.is_some() {
+        fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<bool, String> {
+            if self.steal > 0 && cas != 0 {
                 self.steal -= 1;
-                if let Some(e) = self.data.get_mut(key) {
-                    e.1 = self.next_cas; // someone else wrote in between
-                }
-                return Ok(false);
+                let current = self.inner.get(key)?.map(|(v, _)| v).unwrap_or_default();
+                self.inner.set(key, &current, 0)?; // same bytes, new token
             }
-            self.data.insert(key.into(), (value.to_vec(), self.next_cas));
-            Ok(true)
+            self.inner.set(key, value, cas)
         }
     }
 
@@ -345,7 +303,8 @@ mod tests {
     #[test]
     fn selection_is_first_match_with_all_key_parts() {
         let s = settings(TWO);
-        let sel = |r: &StaticRequest| select(&s, r);
+        let (_, t) = table(&s);
+        let sel = |r: &StaticRequest| select(&s, &t, r);
         assert!(matches!(sel(&StaticRequest::new("/api/x").with("x-api-key", "k1")), Selection::Policy { index: 0, .. }));
         // no API key: the API policy does not apply, the per-client one does
         assert!(matches!(sel(&StaticRequest::new("/api/x")), Selection::Policy { index: 1, .. }));
@@ -354,12 +313,13 @@ mod tests {
         let mut del = StaticRequest::new("/api/x").with("x-api-key", "k");
         del.headers[1].1 = "DELETE".into();
         assert!(matches!(sel(&del), Selection::Policy { index: 1, .. }));
-        // allowlist: client range, or an exact header value
+        // allowlist: client range, or an exact header value (bytes, trimmed)
         let mut internal = StaticRequest::new("/api/x");
         internal.source = Some("10.9.3.4:1234".into());
         assert_eq!(sel(&internal), Selection::Allowlisted);
-        assert_eq!(sel(&StaticRequest::new("/").with("x-internal", "batch")), Selection::Allowlisted);
+        assert_eq!(sel(&StaticRequest::new("/").with("x-internal", " batch ")), Selection::Allowlisted);
         assert!(matches!(sel(&StaticRequest::new("/").with("x-internal", "other")), Selection::Policy { .. }));
+        assert!(matches!(sel(&StaticRequest::new("/").with_bytes("x-internal", b"batch\xFF")), Selection::Policy { .. }));
         // no peer address: no key, no policy
         let mut anon = StaticRequest::new("/");
         anon.source = None;
@@ -367,68 +327,112 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_xxh64_of_policy_and_key() {
-        // vectors: XXH64(le32(len) || policy || key) mod slots, checked against
-        // an independent implementation of the xxHash specification
+    fn placement_is_seeded_xxh64_of_policy_and_key() {
+        // with seed 0 the fingerprint is XXH64(le32(len) || policy || key),
+        // checked against an independent implementation of the xxHash
+        // specification; the set is that mod 4,096 (65,536 slots / 16)
         let key = |v: &str| {
             let mut k = (v.len() as u32).to_le_bytes().to_vec();
             k.extend_from_slice(v.as_bytes());
             k
         };
-        assert_eq!(slot_index("per-client", &key("10.0.0.9"), 65_536), 0x2408);
-        assert_eq!(slot_index("api-key", &key("k1"), 65_536), 0xcd08);
-        assert_eq!(slot_index("api-key", &key("k1"), 1), 0);
-        assert_eq!(slot_key(0x2408), "rl:2408");
-        // the same key under another policy is another bucket
-        assert_ne!(slot_index("a", &key("k"), 1 << 20), slot_index("b", &key("k"), 1 << 20));
+        let layout = Layout { slots: 65_536 };
+        assert_eq!(table::place(0, "per-client", &key("10.0.0.9"), layout).set, 0x408);
+        assert_eq!(table::place(0, "api-key", &key("k1"), layout).set, 0xd08);
+        assert_eq!(table::place(0, "api-key", &key("k1"), layout).fp % 65_536, 0xcd08);
+        assert_eq!(table::place(0, "api-key", &key("k1"), Layout { slots: 16 }).set, 0);
         // the composite key keeps parts apart
         let s = settings(r#"{"policies":[{"name":"p","key":[{"header":"a"},{"header":"b"}],"rate":1}]}"#);
         let k1 = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "xy").with("b", "z")).unwrap();
         let k2 = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "x").with("b", "yz")).unwrap();
         assert_ne!(k1, k2);
         assert_eq!(k1, [key("xy"), key("z")].concat());
+        // valid UTF-8 keys are the same bytes as before
+        let k = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "café").with("b", "z")).unwrap();
+        assert_eq!(k, [key("café"), key("z")].concat());
+    }
+
+    #[test]
+    fn keys_are_bytes() {
+        let s = settings(r#"{"policies":[{"name":"p","key":[{"header":"x-k"}],"rate":1,"per":"day","burst":1}]}"#);
+        let (mut store, t) = table(&s);
+        let keys: [&[u8]; 5] = [b"caf\xE9", b"caf\xFF", "caf\u{FFFD}".as_bytes(), b"\xFE", b"\xFF"];
+        for k in keys {
+            let d = decide(&s, &t, &StaticRequest::new("/").with_bytes("x-k", k), &mut store, SEC);
+            assert_eq!(d.verdict, Verdict::Allowed, "{k:?}");
+        }
+        for k in keys {
+            let d = decide(&s, &t, &StaticRequest::new("/").with_bytes("x-k", k), &mut store, SEC);
+            assert_eq!(d.verdict, Verdict::Limited, "{k:?}");
+        }
     }
 
     #[test]
     fn spoofed_forwarded_for_is_ignored_with_zero_hops() {
         let s = settings(TWO);
-        let a = select(&s, &StaticRequest::new("/").with("x-forwarded-for", "1.1.1.1"));
-        let b = select(&s, &StaticRequest::new("/").with("x-forwarded-for", "2.2.2.2"));
+        let (_, t) = table(&s);
+        let a = select(&s, &t, &StaticRequest::new("/").with("x-forwarded-for", "1.1.1.1"));
+        let b = select(&s, &t, &StaticRequest::new("/").with("x-forwarded-for", "2.2.2.2"));
         assert_eq!(a, b);
     }
 
     #[test]
     fn burst_limit_then_refill_through_the_store() {
         let s = settings(TWO);
-        let mut store = MapStore::default();
+        let (mut store, t) = table(&s);
         let r = StaticRequest::new("/");
-        let verdicts: Vec<_> = (0..4).map(|_| decide(&s, &r, &mut store, 100 * SEC).verdict).collect();
+        let verdicts: Vec<_> = (0..4).map(|_| decide(&s, &t, &r, &mut store, 100 * SEC).verdict).collect();
         assert_eq!(verdicts, [Verdict::Allowed, Verdict::Allowed, Verdict::Allowed, Verdict::Limited]);
-        let d = decide(&s, &r, &mut store, 100 * SEC);
-        let LimitedReply { status, headers, body } = limited_reply(&s, &d).unwrap();
-        assert_eq!(status, 429);
+        let d = decide(&s, &t, &r, &mut store, 100 * SEC);
+        let LimitedReply { status, grpc_status, headers, body } = limited_reply(&s, &d, false).unwrap();
+        assert_eq!((status, grpc_status), (429, 8));
         let h: HashMap<_, _> = headers.into_iter().collect();
         assert_eq!((h["x-ratelimit-limit"].as_str(), h["x-ratelimit-remaining"].as_str()), ("3", "0"));
         assert_eq!((h["x-ratelimit-reset"].as_str(), h["retry-after"].as_str()), ("3", "1"));
+        assert_eq!(h["content-type"], "application/json");
         assert_eq!(body, r#"{"error":"rate_limited","policy":"per-client","retryAfterSeconds":1}"#);
         // one second later exactly one more request fits
-        assert_eq!(decide(&s, &r, &mut store, 101 * SEC).verdict, Verdict::Allowed);
-        assert_eq!(decide(&s, &r, &mut store, 101 * SEC).verdict, Verdict::Limited);
+        assert_eq!(decide(&s, &t, &r, &mut store, 101 * SEC).verdict, Verdict::Allowed);
+        assert_eq!(decide(&s, &t, &r, &mut store, 101 * SEC).verdict, Verdict::Limited);
         // another client has its own bucket
         let mut other = StaticRequest::new("/");
         other.source = Some("10.0.0.10:1".into());
-        assert_eq!(decide(&s, &other, &mut store, 101 * SEC).verdict, Verdict::Allowed);
+        assert_eq!(decide(&s, &t, &other, &mut store, 101 * SEC).verdict, Verdict::Allowed);
+    }
+
+    #[test]
+    fn grpc_requests_get_resource_exhausted() {
+        let s = settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1,"per":"minute","burst":1}]}"#);
+        let (mut store, t) = table(&s);
+        let r = StaticRequest::new("/svc/Method").with("content-type", "application/grpc+proto");
+        assert!(is_grpc(&r));
+        assert!(!is_grpc(&StaticRequest::new("/").with("content-type", "application/json")));
+        assert!(!is_grpc(&StaticRequest::new("/")));
+        decide(&s, &t, &r, &mut store, SEC);
+        let d = decide(&s, &t, &r, &mut store, SEC);
+        let reply = limited_reply(&s, &d, true).unwrap();
+        assert_eq!((reply.status, reply.grpc_status), (429, 8));
+        assert_eq!(reply.body, "rate limited by policy p; retry after 60 s");
+        assert!(reply.headers.iter().all(|(k, _)| *k != "content-type"), "Envoy sets application/grpc");
+        assert!(reply.headers.contains(&("retry-after", "60".into())));
+        assert!(reply.headers.contains(&("x-ratelimit-remaining", "0".into())));
+        // configurable: a user who wants clients to retry elsewhere picks 14
+        let s = settings(r#"{"limitedResponse":{"status":503,"grpcStatus":14},"policies":[{"name":"p","key":["path"],"rate":1}]}"#);
+        let (mut store, t) = table(&s);
+        decide(&s, &t, &r, &mut store, SEC);
+        let reply = limited_reply(&s, &decide(&s, &t, &r, &mut store, SEC), true).unwrap();
+        assert_eq!((reply.status, reply.grpc_status), (503, 14));
     }
 
     #[test]
     fn shadow_counts_but_never_limits() {
         let s = settings(r#"{"shadow":true,"ietfHeaders":true,"policies":[{"name":"p","key":["path"],"rate":1,"burst":1}]}"#);
-        let mut store = MapStore::default();
+        let (mut store, t) = table(&s);
         let r = StaticRequest::new("/x");
-        assert_eq!(decide(&s, &r, &mut store, SEC).verdict, Verdict::Allowed);
-        let d = decide(&s, &r, &mut store, SEC);
+        assert_eq!(decide(&s, &t, &r, &mut store, SEC).verdict, Verdict::Allowed);
+        let d = decide(&s, &t, &r, &mut store, SEC);
         assert_eq!(d.verdict, Verdict::ShadowLimited);
-        assert_eq!(limited_reply(&s, &d), None);
+        assert_eq!(limited_reply(&s, &d, false), None);
         let h = response_headers(&s, &d);
         assert_eq!(
             h,
@@ -446,46 +450,30 @@ mod tests {
     fn cas_conflicts_retry_then_fail_open() {
         let s = settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1,"burst":10}]}"#);
         let r = StaticRequest::new("/x");
-        let mut store = MapStore::default();
-        assert_eq!(decide(&s, &r, &mut store, SEC).verdict, Verdict::Allowed);
+        let (inner, t) = table(&s);
+        let mut store = Adversary { inner, steal: 0, fail: false };
+        assert_eq!(decide(&s, &t, &r, &mut store, SEC).verdict, Verdict::Allowed);
         store.steal = 3;
-        let d = decide(&s, &r, &mut store, SEC);
+        let d = decide(&s, &t, &r, &mut store, SEC);
         assert_eq!((d.verdict, d.conflicts, d.take.unwrap().remaining), (Verdict::Allowed, 3, 8));
         store.steal = MAX_CAS_ATTEMPTS;
-        let d = decide(&s, &r, &mut store, SEC);
+        let d = decide(&s, &t, &r, &mut store, SEC);
         assert_eq!((d.verdict, d.conflicts), (Verdict::FailOpen, MAX_CAS_ATTEMPTS));
         assert!(response_headers(&s, &d).is_empty());
         store.steal = 0;
         store.fail = true;
-        assert_eq!(decide(&s, &r, &mut store, SEC).verdict, Verdict::FailOpen);
+        assert_eq!(decide(&s, &t, &r, &mut store, SEC).verdict, Verdict::FailOpen);
     }
 
     #[test]
-    fn lost_creation_is_detected() {
-        // Another worker creates the slot between our read and our write:
-        // our unconditional create is overwritten; we must notice and retry.
-        struct Racy {
-            inner: MapStore,
-            raced: bool,
-        }
-        impl SlotStore for Racy {
-            fn get(&mut self, key: &str) -> Result<Option<SlotValue>, String> {
-                self.inner.get(key)
-            }
-            fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
-                let ok = self.inner.set(key, value, cas)?;
-                if !self.raced {
-                    self.raced = true;
-                    let theirs = encode(&bucket::BucketState { tokens: 2_000, last_ns: SEC });
-                    self.inner.set(key, &theirs, None)?;
-                }
-                Ok(ok)
-            }
-        }
-        let s = settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1,"burst":5}]}"#);
-        let mut store = Racy { inner: MapStore::default(), raced: false };
-        let d = decide(&s, &StaticRequest::new("/x"), &mut store, SEC);
-        assert_eq!((d.verdict, d.conflicts, d.take.unwrap().remaining), (Verdict::Allowed, 1, 1));
+    fn an_unprepared_table_fails_open_and_creates_nothing() {
+        let s = settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1}]}"#);
+        let mut store = MemoryStore::default();
+        let t = Table { layout: Layout { slots: s.slots }, seed: 0 };
+        let d = decide(&s, &t, &StaticRequest::new("/x"), &mut store, SEC);
+        assert_eq!(d.verdict, Verdict::FailOpen);
+        assert!(d.fail_reason.unwrap().contains("does not exist"));
+        assert!(store.data.is_empty());
     }
 
     #[test]
@@ -493,20 +481,45 @@ mod tests {
         let s = settings(
             r#"{"limitedResponse":{"status":503,"body":{"message":"slow down"}},"policies":[{"name":"p","key":["path"],"rate":1}]}"#,
         );
-        let mut store = MapStore::default();
+        let (mut store, t) = table(&s);
         let r = StaticRequest::new("/x");
-        decide(&s, &r, &mut store, SEC);
-        let LimitedReply { status, body, .. } = limited_reply(&s, &decide(&s, &r, &mut store, SEC)).unwrap();
+        decide(&s, &t, &r, &mut store, SEC);
+        let d = decide(&s, &t, &r, &mut store, SEC);
+        let LimitedReply { status, body, .. } = limited_reply(&s, &d, false).unwrap();
         assert_eq!((status, body.as_str()), (503, r#"{"message":"slow down"}"#));
+        // the custom body is the gRPC message too
+        assert_eq!(limited_reply(&s, &d, true).unwrap().body, r#"{"message":"slow down"}"#);
     }
 
     #[test]
-    fn bounded_slots_whatever_the_keys() {
-        let s = settings(r#"{"slots":64,"policies":[{"name":"p","key":[{"header":"k"}],"rate":1}]}"#);
-        let mut store = MapStore::default();
-        for i in 0..10_000 {
-            decide(&s, &StaticRequest::new("/").with("k", &format!("key-{i}")), &mut store, SEC);
+    fn table_full_policies() {
+        // 16 slots (one set), 17 keys with a burst of 2 at one a day
+        let p = |when: &str| settings(&format!(r#"{{"slots":16,"tableFull":"{when}","policies":[{{"name":"p","key":[{{"header":"k"}}],"rate":1,"per":"day","burst":2}}]}}"#));
+        let req = |i: u32| StaticRequest::new("/").with("k", &format!("key-{i}"));
+        for (when, verdict) in [("evict", Verdict::Allowed), ("limit", Verdict::Limited), ("allow", Verdict::FailOpen)] {
+            let s = p(when);
+            let (mut store, t) = table(&s);
+            for i in 0..16 {
+                let d = decide(&s, &t, &req(i), &mut store, SEC);
+                assert_eq!((d.verdict, d.table_full), (Verdict::Allowed, false), "{when} {i}");
+            }
+            let d = decide(&s, &t, &req(16), &mut store, SEC);
+            assert_eq!((d.verdict, d.table_full), (verdict, true), "{when}");
         }
-        assert_eq!(store.data.len(), 64);
+    }
+
+    #[test]
+    fn memory_is_fixed_by_slots_whatever_the_keys() {
+        let s = settings(r#"{"slots":64,"policies":[{"name":"p","key":[{"header":"k"}],"rate":1,"per":"day"}]}"#);
+        let (mut store, t) = table(&s);
+        let mut full = 0;
+        for i in 0..10_000 {
+            let d = decide(&s, &t, &StaticRequest::new("/").with("k", &format!("key-{i}")), &mut store, SEC);
+            full += u32::from(d.table_full);
+        }
+        assert_eq!(store.data.len(), 4 + 2, "4 sets, the seed, the ready mark");
+        let entries: usize = (0..4).map(|i| decode_set(&store.data[&Layout::key(i)].0).len()).sum();
+        assert_eq!(entries, 64);
+        assert_eq!(full, 10_000 - 64);
     }
 }

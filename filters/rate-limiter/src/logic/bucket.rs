@@ -129,38 +129,6 @@ impl BucketParams {
     }
 }
 
-/// Slot values start with this version byte, so a future encoding can tell
-/// old values apart instead of misreading them.
-pub const SLOT_VERSION: u8 = 1;
-/// Length of an encoded slot: version, tokens (u64 LE), last_ns (u64 LE).
-/// Short enough for the host's small-string storage (no extra allocation).
-pub const SLOT_LEN: usize = 17;
-
-/// Encode a bucket for shared data.
-pub fn encode(s: &BucketState) -> [u8; SLOT_LEN] {
-    let mut out = [0u8; SLOT_LEN];
-    let (version, rest) = out.split_at_mut(1);
-    let (tokens, last) = rest.split_at_mut(8);
-    version.copy_from_slice(&[SLOT_VERSION]);
-    tokens.copy_from_slice(&s.tokens.to_le_bytes());
-    last.copy_from_slice(&s.last_ns.to_le_bytes());
-    out
-}
-
-/// Decode a slot; anything that is not a current-version slot reads as
-/// `None` (a fresh, full bucket).
-pub fn decode(bytes: &[u8]) -> Option<BucketState> {
-    if bytes.len() != SLOT_LEN {
-        return None;
-    }
-    let (version, rest) = bytes.split_first()?;
-    if *version != SLOT_VERSION {
-        return None;
-    }
-    let (tokens, last) = rest.split_at(8);
-    Some(BucketState { tokens: u64::from_le_bytes(tokens.try_into().ok()?), last_ns: u64::from_le_bytes(last.try_into().ok()?) })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -236,19 +204,5 @@ mod tests {
         // no overflow with huge elapsed times
         let s = p.refill(Some(BucketState { tokens: 0, last_ns: 0 }), u64::MAX);
         assert_eq!(s.tokens, p.capacity);
-    }
-
-    #[test]
-    fn slot_round_trip_and_garbage() {
-        let s = BucketState { tokens: 123_456, last_ns: 1_764_000_000_123_456_789 };
-        let b = encode(&s);
-        assert_eq!(b.len(), SLOT_LEN);
-        assert_eq!(b, [1, 0x40, 0xe2, 0x01, 0, 0, 0, 0, 0, 0x15, 0xcd, 0x25, 0x6f, 0xa7, 0xfc, 0x7a, 0x18], "{b:02x?}");
-        assert_eq!(decode(&b), Some(s));
-        assert_eq!(decode(&b[..16]), None);
-        let mut v2 = b;
-        v2[0] = 2;
-        assert_eq!(decode(&v2), None);
-        assert_eq!(decode(&[]), None);
     }
 }

@@ -10,8 +10,9 @@ use meshpatterns_core::{names, KeySource};
 use serde::Deserialize;
 
 use super::bucket::{BucketParams, COST_MILLI};
+use super::table::WhenFull;
 
-/// Hashed bucket slots when `slots` is not set.
+/// Bucket slots when `slots` is not set.
 pub const DEFAULT_SLOTS: u32 = 65_536;
 /// Most slots a config may ask for (about 95 MB of shared data when all are in use).
 pub const MAX_SLOTS: u32 = 1_048_576;
@@ -37,9 +38,14 @@ pub struct Config {
     /// Requests matching any of these rules are never limited.
     #[serde(default)]
     pub allowlist: Vec<MatchConfig>,
-    /// Number of hashed bucket slots shared by all workers (bounds memory).
+    /// Bucket slots shared by all workers and policies, in sets of 16 (fixes memory).
     #[serde(default = "default_slots")]
     pub slots: u32,
+    /// What a new key gets when every slot of its set holds another key's
+    /// bucket that is not full: `evict` (take over the bucket full soonest),
+    /// `limit` (refuse the request) or `allow` (let it through, fail-open).
+    #[serde(default)]
+    pub table_full: WhenFull,
     /// Divide every rate and burst by this many proxies that share one global budget.
     #[serde(default = "one")]
     pub replicas: u32,
@@ -74,10 +80,7 @@ pub struct PolicyConfig {
     pub matcher: MatchConfig,
     /// Key parts, combined: one bucket per distinct combination. Each is a
     /// core key source (`{"header": "x-api-key"}`, `{"clientAddress": {...}}`, `"path"` ...).
-    /// Parsed one by one after the document, so that an unknown source is
-    /// reported with its place (`policies[0].key[1]`).
-    #[cfg_attr(feature = "schema", schemars(with = "Vec<KeySourceConfig>"))]
-    pub key: Vec<serde_json::Value>,
+    pub key: Vec<KeySourceConfig>,
     /// Requests per `per`.
     pub rate: u64,
     /// Unit of `rate`.
@@ -152,6 +155,11 @@ pub struct HeaderMatchConfig {
 pub struct LimitedResponseConfig {
     #[serde(default = "default_status")]
     pub status: u32,
+    /// gRPC status for a gRPC request (`content-type: application/grpc*`),
+    /// 1..=16; default 8 RESOURCE_EXHAUSTED (14 UNAVAILABLE would be retried
+    /// by Istio's default retry policy).
+    #[serde(default = "default_grpc_status")]
+    pub grpc_status: u32,
     /// A JSON value sent as the body; default `{"error": "rate_limited", "policy": ..., "retryAfterSeconds": ...}`.
     #[serde(default)]
     pub body: Option<serde_json::Value>,
@@ -159,12 +167,17 @@ pub struct LimitedResponseConfig {
 
 impl Default for LimitedResponseConfig {
     fn default() -> Self {
-        LimitedResponseConfig { status: default_status(), body: None }
+        LimitedResponseConfig { status: default_status(), grpc_status: default_grpc_status(), body: None }
     }
 }
 
 fn default_status() -> u32 {
     429
+}
+
+/// gRPC RESOURCE_EXHAUSTED.
+fn default_grpc_status() -> u32 {
+    8
 }
 
 /// An IPv4 or IPv6 network.
@@ -273,6 +286,7 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub struct LimitedResponse {
     pub status: u32,
+    pub grpc_status: u32,
     /// Serialised custom body; `None` sends the default body.
     pub body: Option<String>,
 }
@@ -283,6 +297,7 @@ pub struct Settings {
     pub policies: Vec<Policy>,
     pub allowlist: Vec<Match>,
     pub slots: u32,
+    pub table_full: WhenFull,
     pub replicas: u32,
     pub limited: LimitedResponse,
     pub ietf_headers: bool,
@@ -314,6 +329,10 @@ impl Settings {
         let status = c.limited_response.status;
         if !(400..=599).contains(&status) {
             return Err(ConfigError::new("limitedResponse.status", status, "an HTTP error status, 400..=599"));
+        }
+        let grpc_status = c.limited_response.grpc_status;
+        if !(1..=16).contains(&grpc_status) {
+            return Err(ConfigError::new("limitedResponse.grpcStatus", grpc_status, "a gRPC error status, 1..=16 (8 RESOURCE_EXHAUSTED)"));
         }
         let body = c.limited_response.body.as_ref().map(|b| b.to_string());
         if let Some(b) = &body {
@@ -350,8 +369,9 @@ impl Settings {
             policies,
             allowlist,
             slots: c.slots,
+            table_full: c.table_full,
             replicas: c.replicas,
-            limited: LimitedResponse { status, body },
+            limited: LimitedResponse { status, grpc_status, body },
             ietf_headers: c.ietf_headers,
         })
     }
@@ -364,16 +384,9 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool) -> Result<Polic
         return Err(ConfigError::new("key", format!("{} parts", p.key.len()), format!("1..={MAX_KEY_PARTS} key sources, combined")));
     }
     let mut key = Vec::new();
-    for (j, v) in p.key.iter().enumerate() {
+    for (j, c) in p.key.iter().enumerate() {
         let field = format!("key[{j}]");
-        let c: KeySourceConfig = serde_json::from_value(v.clone()).map_err(|e| {
-            ConfigError::new(
-                &field,
-                v,
-                format!("a key source: {{\"header\": name}}, {{\"cookie\": name}}, {{\"query\": name}}, {{\"pathSegment\": n}}, {{\"pathRegex\": {{...}}}}, {{\"clientAddress\": {{\"trustedHops\": n}}}}, \"method\" or \"path\" ({e})"),
-            )
-        })?;
-        key.push(KeySource::try_from_config(&c).map_err(|e| e.at(&field))?);
+        key.push(KeySource::try_from_config(c).map_err(|e| e.at(&field))?);
     }
     if p.rate == 0 || p.rate > MAX_RATE {
         return Err(ConfigError::new("rate", p.rate, format!("1..={MAX_RATE} requests per `per`")));
@@ -415,9 +428,12 @@ mod tests {
     fn defaults() {
         let s = settings(r#"{"policies":[{"name":"per-client","key":[{"clientAddress":{}}],"rate":100}]}"#).unwrap();
         assert_eq!((s.slots, s.replicas, s.limited.status, s.ietf_headers), (DEFAULT_SLOTS, 1, 429, false));
+        assert_eq!((s.table_full, s.limited.grpc_status), (WhenFull::Evict, 8));
         let p = &s.policies[0];
         assert_eq!(p.bucket, BucketParams { capacity: 100_000, refill: 100_000, unit_ns: 1_000_000_000 });
         assert!(!p.shadow && p.matcher.is_empty());
+        let s = settings(r#"{"tableFull":"limit","limitedResponse":{"grpcStatus":14},"policies":[{"name":"p","key":["path"],"rate":1}]}"#).unwrap();
+        assert_eq!((s.table_full, s.limited.grpc_status, s.limited.status), (WhenFull::Limit, 14, 429));
     }
 
     #[test]
@@ -458,6 +474,19 @@ mod tests {
         assert_eq!(err(&format!(r#"{{"allowlist":[{{}}],{}"#, &p(r#""rate":1"#)[1..])).field, "allowlist[0]");
         let e = err(&p(r#""rate":1,"per":"fortnight""#));
         assert!(e.to_string().contains("unknown variant `fortnight`"), "{e}");
+        assert_eq!(e.field, "policies[0].per");
+        // wrong types name the field too
+        let e = err(&p(r#""rate":"NaN""#));
+        assert_eq!((e.field.as_str(), e.value.as_str()), ("policies[0].rate", "\"NaN\""), "{e}");
+        assert_eq!(err(&p(r#""rate":-1"#)).field, "policies[0].rate");
+        assert_eq!(err(&p(r#""rate":1,"burst":2.5"#)).field, "policies[0].burst");
+        assert_eq!(err(r#"{"policies":[{"name":"a","key":[{"pathSegment":"x"}],"rate":1}]}"#).field, "policies[0].key[0].pathSegment");
+        assert_eq!(err(&format!(r#"{{"slots":"many",{}"#, &p(r#""rate":1"#)[1..])).field, "slots");
+        let e = err(&format!(r#"{{"tableFull":"drop",{}"#, &p(r#""rate":1"#)[1..]));
+        assert_eq!(e.field, "tableFull", "{e}");
+        assert!(e.to_string().contains("evict"), "{e}");
+        assert_eq!(err(&format!(r#"{{"limitedResponse":{{"grpcStatus":0}},{}"#, &p(r#""rate":1"#)[1..])).field, "limitedResponse.grpcStatus");
+        assert_eq!(err(&format!(r#"{{"limitedResponse":{{"grpcStatus":17}},{}"#, &p(r#""rate":1"#)[1..])).field, "limitedResponse.grpcStatus");
     }
 
     #[test]

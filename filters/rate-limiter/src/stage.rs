@@ -1,0 +1,158 @@
+//! rate-limiter as a pipeline stage: read, [`decide`], record, reply.
+
+use meshpatterns_core::ConfigError;
+use meshpatterns_host::abi;
+use meshpatterns_host::{BatchedCounter, Flow, LocalReply, Pattern, Request, Response, Stage};
+
+use crate::logic::table::prepare;
+use crate::logic::{decide, is_grpc, limited_reply, response_headers, Config, Layout, Settings, SlotStore, Table, Verdict};
+use crate::{METRIC_PREFIX, STATE_DECISION, STATE_POLICY};
+
+/// Counters of one policy: `meshpatterns.rate_limiter.<policy>.allowed` etc.
+struct PolicyMetrics {
+    allowed: BatchedCounter,
+    limited: BatchedCounter,
+    shadow_limited: BatchedCounter,
+}
+
+/// Counters, counted in the VM and flushed every 500 ms.
+struct Metrics {
+    policies: Vec<PolicyMetrics>,
+    allowlisted: BatchedCounter,
+    unmatched: BatchedCounter,
+    fail_open: BatchedCounter,
+    cas_conflicts: BatchedCounter,
+    table_full: BatchedCounter,
+}
+
+impl Metrics {
+    fn new(s: &Settings) -> Metrics {
+        let m = |name: &str| BatchedCounter::new(&format!("{METRIC_PREFIX}.{name}"));
+        Metrics {
+            policies: s
+                .policies
+                .iter()
+                .map(|p| PolicyMetrics {
+                    allowed: m(&format!("{}.allowed", p.name)),
+                    limited: m(&format!("{}.limited", p.name)),
+                    shadow_limited: m(&format!("{}.shadow_limited", p.name)),
+                })
+                .collect(),
+            allowlisted: m("allowlisted"),
+            unmatched: m("unmatched"),
+            fail_open: m("fail_open"),
+            cas_conflicts: m("cas_conflicts"),
+            table_full: m("table_full"),
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &BatchedCounter> {
+        self.policies
+            .iter()
+            .flat_map(|p| [&p.allowed, &p.limited, &p.shadow_limited])
+            .chain([&self.allowlisted, &self.unmatched, &self.fail_open, &self.cas_conflicts, &self.table_full])
+    }
+}
+
+/// Proxy-wasm shared data: shared by every VM with the same `vm_id`.
+struct HostStore;
+
+impl SlotStore for HostStore {
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        abi::get_shared(key).map_err(|s| format!("get_shared_data({key}): status {s}"))
+    }
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<bool, String> {
+        abi::set_shared(key, value, cas).map_err(|s| format!("set_shared_data({key}): status {s}"))
+    }
+}
+
+/// A seed for a new table: 8 bytes from the host's CSPRNG, else the clock.
+fn fresh_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if meshpatterns_host::random_bytes(&mut b) {
+        return u64::from_le_bytes(b);
+    }
+    log::warn!("rate-limiter: no random bytes from the host; seeding the slot hash from the clock");
+    meshpatterns_core::hash::hash64(&abi::now_nanos().to_le_bytes())
+}
+
+pub struct RateLimiter {
+    pub settings: Settings,
+    pub table: Table,
+    metrics: Metrics,
+}
+
+impl Pattern for RateLimiter {
+    const NAME: &'static str = "rate-limiter";
+    const STAGE: &'static str = "rateLimit";
+    type Config = Config;
+    fn build(config: Config) -> Result<Self, ConfigError> {
+        let settings = Settings::try_from_config(config)?;
+        let layout = Layout { slots: settings.slots };
+        // Every set exists before the first request (see logic::table).
+        let seed = match prepare(&mut HostStore, layout, &mut fresh_seed) {
+            Ok(seed) => seed,
+            Err(e) if cfg!(target_arch = "wasm32") => {
+                return Err(ConfigError::new("slots", settings.slots, format!("a bucket table Envoy's shared data can hold ({e})")))
+            }
+            // Native builds (config checks, tests) have no shared data.
+            Err(_) => 0,
+        };
+        let metrics = Metrics::new(&settings);
+        Ok(RateLimiter { settings, table: Table { layout, seed }, metrics })
+    }
+}
+
+impl Stage for RateLimiter {
+    /// The rate-limit headers for the response.
+    type Stream = Vec<(&'static str, String)>;
+
+    fn on_request(&self, req: &mut Request<'_>, st: &mut Self::Stream) -> Flow {
+        let s = &self.settings;
+        let now = req.now_nanos();
+        let d = decide(s, &self.table, &*req, &mut HostStore, now);
+        let m = &self.metrics;
+        match (d.verdict, d.policy.and_then(|i| m.policies.get(i))) {
+            (Verdict::Allowed, Some(p)) => p.allowed.inc(),
+            (Verdict::Limited, Some(p)) => p.limited.inc(),
+            (Verdict::ShadowLimited, Some(p)) => p.shadow_limited.inc(),
+            (Verdict::Allowlisted, _) => m.allowlisted.inc(),
+            (Verdict::Unmatched, _) => m.unmatched.inc(),
+            (Verdict::FailOpen, _) => {
+                m.fail_open.inc();
+                log::warn!("rate-limiter: letting a request through: {}", d.fail_reason.as_deref().unwrap_or("unknown"));
+            }
+            _ => {}
+        }
+        m.cas_conflicts.add(u64::from(d.conflicts));
+        if d.table_full {
+            m.table_full.inc();
+        }
+        req.record(STATE_DECISION, d.verdict.label());
+        if let Some(p) = d.policy.and_then(|i| s.policies.get(i)) {
+            req.record(STATE_POLICY, p.name.clone());
+        }
+        if let Some(r) = limited_reply(s, &d, d.verdict == Verdict::Limited && is_grpc(&*req)) {
+            // The reply carries the rate-limit headers itself.
+            return Flow::Reply(LocalReply {
+                status: r.status,
+                grpc_status: r.grpc_status,
+                details: "rate_limited",
+                headers: r.headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                body: r.body,
+            });
+        }
+        *st = response_headers(s, &d);
+        Flow::Continue
+    }
+
+    fn on_response(&self, resp: &mut Response, st: &mut Self::Stream) {
+        for (name, value) in st.drain(..) {
+            resp.set_header(name, &value);
+        }
+    }
+
+    fn on_tick(&self) {
+        self.metrics.all().for_each(BatchedCounter::flush);
+    }
+}
