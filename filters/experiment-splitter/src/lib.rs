@@ -9,15 +9,23 @@
 //! backend. The bucket layout is ramp-safe, so raising or lowering a share
 //! moves only the users in the buckets added or removed.
 //!
-//! All decisions live in [`logic`]; `glue.rs` only reads and applies them.
+//! All decisions live in [`logic`]; [`stage`] only reads and applies them.
 
 pub mod logic;
+pub mod stage;
 
-// The proxy-wasm glue exists only in the wasm module: natively this crate is
-// its pure logic, so test binaries can link several filters' logic at once
-// (each filter's `proxy_wasm::main!` defines the same `_initialize` symbol).
-#[cfg(target_arch = "wasm32")]
-mod glue;
+pub use stage::ExperimentSplitter;
+
+// The module's exports, only in the wasm build of this crate as a module
+// (feature `module`, on by default; the pipeline module turns it off). The
+// response callback issues cookies, sets the exposure header and counts 5xx.
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
+meshpatterns_host::export_module!(
+    "experiment-splitter",
+    ExperimentSplitter,
+    meshpatterns_host::stage::parse_single::<ExperimentSplitter>,
+    response_headers
+);
 
 /// Filter state keys: `%FILTER_STATE(wasm.experiment_arm:PLAIN)%` and friends.
 pub const STATE_ARM: &str = "experiment_arm";
