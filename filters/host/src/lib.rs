@@ -14,7 +14,7 @@ pub mod headers;
 pub mod stage;
 pub mod vm;
 
-pub use stage::{Body, BodyFlow, Flow, LocalReply, Pattern, Pipeline, Request, Response, Stage};
+pub use stage::{Body, BodyFlow, Flow, HttpCallResponse, LocalReply, Pattern, Pipeline, Request, Response, Stage};
 
 use std::cell::Cell;
 
@@ -143,6 +143,15 @@ pub fn random_bytes(buf: &mut [u8]) -> bool {
     {
         let _ = buf;
         false
+    }
+}
+
+/// Record filter state `wasm.<key>` outside the request callback (where
+/// [`Request::record`] is not at hand); the caller checks the stage's
+/// `filterState` switch ([`Request::records_state`]).
+pub fn set_filter_state(key: &str, value: &str) {
+    if let Err(s) = abi::set_property(&[key], value.as_bytes()) {
+        log::warn!("cannot set filter state {key}: status {s}");
     }
 }
 

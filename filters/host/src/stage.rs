@@ -119,6 +119,31 @@ impl<'a> Request<'a> {
         self.headers.has(name)
     }
 
+    /// Whether this stage's decisions are recorded as filter state (its
+    /// `filterState`), for stages that record later, on the response side.
+    pub fn records_state(&self) -> bool {
+        self.record_state
+    }
+
+    /// Every request header as the upstream will see it so far: the
+    /// client's, with the writes recorded until now applied (a written
+    /// header comes last). For stages that repeat the request elsewhere.
+    pub fn header_pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let touched = |name: &[u8]| self.ops.iter().any(|op| matches!(op, HeaderOp::Set(n, _) | HeaderOp::Remove(n) if n.as_bytes() == name));
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = self.headers.iter().filter(|(k, _)| !touched(k)).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        for (i, op) in self.ops.iter().enumerate() {
+            // Only the last write to a name counts.
+            let name = match op {
+                HeaderOp::Set(n, _) | HeaderOp::Remove(n) => n,
+            };
+            let later = self.ops.iter().skip(i + 1).any(|o| matches!(o, HeaderOp::Set(m, _) | HeaderOp::Remove(m) if m == name));
+            if let (HeaderOp::Set(n, v), false) = (op, later) {
+                out.push((n.as_bytes().to_vec(), v.clone()));
+            }
+        }
+        out
+    }
+
     /// Apply every change with one hostcall each.
     ///
     /// About `clear_route_cache`: Envoy 1.36–1.40 re-selects the route after
@@ -167,12 +192,55 @@ impl RequestView for Request<'_> {
 pub struct Response {
     status: OnceCell<Option<u32>>,
     pub end_of_stream: bool,
+    paused: bool,
+    reply: Option<LocalReply>,
+    calls: Vec<u32>,
+}
+
+/// What the stages asked for in the response callback.
+pub(crate) struct ResponseOutcome {
+    pub paused: bool,
+    pub reply: Option<LocalReply>,
+    /// Tokens of the HTTP calls dispatched (their answers belong to this stream).
+    pub calls: Vec<u32>,
 }
 
 impl Response {
     pub fn new(end_of_stream: bool) -> Response {
-        Response { status: OnceCell::new(), end_of_stream }
+        Response { status: OnceCell::new(), end_of_stream, paused: false, reply: None, calls: Vec::new() }
     }
+
+    /// Hold the response (until a stage's HTTP call is answered).
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Answer the client with this reply in place of the held response
+    /// (sent after the callback returns; Envoy sends it straight to the
+    /// client, so filters closer to the client do not see it).
+    pub fn send_reply(&mut self, r: LocalReply) {
+        self.reply = Some(r);
+        self.paused = true;
+    }
+
+    /// Start an HTTP call to cluster `cluster`; its answer reaches the stage's
+    /// [`Stage::on_http_call_response`] with the returned token.
+    pub fn dispatch_http_call<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        cluster: &str,
+        headers: &[(K, V)],
+        body: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, abi::Status> {
+        let token = abi::dispatch_http_call(cluster, headers, body, timeout_ms)?;
+        self.calls.push(token);
+        Ok(token)
+    }
+
+    pub(crate) fn outcome(self) -> ResponseOutcome {
+        ResponseOutcome { paused: self.paused, reply: self.reply, calls: self.calls }
+    }
+
     /// The `:status`, read once.
     pub fn status(&self) -> Option<u32> {
         *self.status.get_or_init(|| {
@@ -199,6 +267,61 @@ impl Response {
         if let Err(s) = abi::remove_header(Map::ResponseHeaders, name) {
             log::warn!("cannot remove response header {name}: status {s}");
         }
+    }
+}
+
+/// The answer to an HTTP call a stage dispatched (see
+/// [`Response::dispatch_http_call`]).
+pub struct HttpCallResponse {
+    pub token: u32,
+    pub num_headers: usize,
+    pub body_size: usize,
+    reply: Option<LocalReply>,
+    /// Bytes sent in place of `reply.body`.
+    body: Option<Vec<u8>>,
+    resume: bool,
+}
+
+/// What the stages asked for when an HTTP call was answered.
+pub(crate) struct CallOutcome {
+    pub reply: Option<LocalReply>,
+    pub body: Option<Vec<u8>>,
+    pub resume: bool,
+}
+
+impl HttpCallResponse {
+    pub fn new(token: u32, num_headers: usize, body_size: usize) -> HttpCallResponse {
+        HttpCallResponse { token, num_headers, body_size, reply: None, body: None, resume: false }
+    }
+    /// The answer's headers (one hostcall). No `:status` means the call
+    /// failed (timeout, reset, no healthy host).
+    pub fn headers(&self) -> HeaderMap {
+        HeaderMap::parse(abi::get_header_pairs(Map::HttpCallResponseHeaders).unwrap_or_default())
+    }
+    /// The answer's body.
+    pub fn body(&self) -> Vec<u8> {
+        if self.body_size == 0 {
+            return Vec::new();
+        }
+        abi::get_buffer(abi::Buffer::HttpCallResponseBody, 0, self.body_size).ok().flatten().unwrap_or_default()
+    }
+    /// Answer the client with this reply in place of the held response.
+    pub fn send_reply(&mut self, r: LocalReply) {
+        self.reply = Some(r);
+        self.body = None;
+    }
+    /// The same with a body of any bytes in place of `r.body` (passing an
+    /// answer on as it came).
+    pub fn send_reply_with_body(&mut self, r: LocalReply, body: Vec<u8>) {
+        self.reply = Some(r);
+        self.body = Some(body);
+    }
+    /// Let the held response go on unchanged.
+    pub fn resume(&mut self) {
+        self.resume = true;
+    }
+    pub(crate) fn outcome(self) -> CallOutcome {
+        CallOutcome { reply: self.reply, body: self.body, resume: self.resume }
     }
 }
 
@@ -241,6 +364,9 @@ pub trait Stage {
         BodyFlow::Continue
     }
     fn on_log(&self, _st: &mut Self::Stream) {}
+    /// The answer to an HTTP call dispatched for this stream (by any stage:
+    /// a stage checks `call.token` against the calls it made).
+    fn on_http_call_response(&self, _call: &mut HttpCallResponse, _st: &mut Self::Stream) {}
     /// Periodic work (flush batched counters).
     fn on_tick(&self) {}
 }
@@ -382,6 +508,14 @@ impl<S: Stage> Pipeline<S> {
         }
     }
 
+    pub fn on_http_call_response(&self, call: &mut HttpCallResponse, st: &mut StreamState<S>) {
+        for (s, stream) in self.stages.iter().zip(st.stages.iter_mut()) {
+            if let Some(stream) = stream {
+                s.stage.on_http_call_response(call, stream);
+            }
+        }
+    }
+
     pub fn on_tick(&self) {
         for s in &self.stages {
             s.stage.on_tick();
@@ -389,5 +523,28 @@ impl<S: Stage> Pipeline<S> {
                 c.flush();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn header_pairs_apply_the_writes() {
+        let h = HeaderMap::from_pairs(&[(":path", b"/a"), ("x-shard", b"client"), ("x-gone", b"1"), ("x-key", b"k\xff")]);
+        let mut req = Request::new(&h, 7);
+        req.set_header("x-shard", "first");
+        req.remove_header("x-gone");
+        req.set_header("x-new", "n");
+        req.set_header("x-shard", "last");
+        let pairs = req.header_pairs();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = [(":path", &b"/a"[..]), ("x-key", b"k\xff"), ("x-new", b"n"), ("x-shard", b"last")]
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(pairs, want);
+        assert_eq!(req.header_bytes("x-shard").unwrap().as_ref(), b"last");
     }
 }

@@ -13,7 +13,7 @@ use meshpatterns_core::ConfigError;
 
 use crate::abi;
 use crate::headers::HeaderMap;
-use crate::stage::{Body, BodyFlow, LocalReply, Pipeline, Request, Response, Stage, StreamState};
+use crate::stage::{Body, BodyFlow, HttpCallResponse, LocalReply, Pipeline, Request, Response, Stage, StreamState};
 
 /// Envoy's filter status values.
 pub const CONTINUE: u32 = 0;
@@ -30,12 +30,14 @@ pub struct Vm<S: Stage> {
     parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>,
     roots: HashMap<u32, Rc<Pipeline<S>>>,
     streams: HashMap<u32, Stream<S>>,
+    /// HTTP calls in flight: token -> the stream that dispatched it.
+    calls: HashMap<u32, u32>,
     ticking: bool,
 }
 
 impl<S: Stage> Vm<S> {
     pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
-        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), ticking: false }
+        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new(), ticking: false }
     }
 
     /// `proxy_on_context_create`: a root (parent 0) or a stream of root `parent`.
@@ -99,12 +101,50 @@ impl<S: Stage> Vm<S> {
 
     /// `proxy_on_response_headers`.
     pub fn response_headers(vm: &RefCell<Vm<S>>, id: u32, end_of_stream: bool) -> u32 {
-        let mut guard = vm.borrow_mut();
-        if let Some(stream) = guard.streams.get_mut(&id) {
+        let outcome = {
+            let mut guard = vm.borrow_mut();
+            let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
             let root = Rc::clone(&stream.root);
-            root.on_response(&mut Response::new(end_of_stream), &mut stream.state);
+            let mut resp = Response::new(end_of_stream);
+            root.on_response(&mut resp, &mut stream.state);
+            let outcome = resp.outcome();
+            for t in &outcome.calls {
+                guard.calls.insert(*t, id);
+            }
+            outcome
+        };
+        if let Some(r) = &outcome.reply {
+            send(r);
         }
-        CONTINUE
+        if outcome.paused {
+            PAUSE
+        } else {
+            CONTINUE
+        }
+    }
+
+    /// `proxy_on_http_call_response`: the answer to a call a stage
+    /// dispatched, delivered to the stream that made it.
+    pub fn http_call_response(vm: &RefCell<Vm<S>>, id: u32, token: u32, num_headers: usize, body_size: usize) {
+        let outcome = {
+            let mut guard = vm.borrow_mut();
+            let stream_id = guard.calls.remove(&token).unwrap_or(id);
+            let Some(stream) = guard.streams.get_mut(&stream_id) else { return };
+            if stream_id != id {
+                let _ = abi::set_effective_context(stream_id);
+            }
+            let root = Rc::clone(&stream.root);
+            let mut call = HttpCallResponse::new(token, num_headers, body_size);
+            root.on_http_call_response(&mut call, &mut stream.state);
+            call.outcome()
+        };
+        if let Some(r) = &outcome.reply {
+            send_with_body(r, outcome.body.as_deref().unwrap_or(r.body.as_bytes()));
+        } else if outcome.resume {
+            if let Err(s) = abi::continue_response() {
+                log::warn!("cannot resume the response: status {s}");
+            }
+        }
     }
 
     /// `proxy_on_response_body`.
@@ -139,7 +179,11 @@ impl<S: Stage> Vm<S> {
     /// `proxy_on_delete`: a stream ended, or a root was replaced.
     pub fn delete(vm: &RefCell<Vm<S>>, id: u32) {
         let mut vm = vm.borrow_mut();
-        if vm.streams.remove(&id).is_none() {
+        if vm.streams.remove(&id).is_some() {
+            if !vm.calls.is_empty() {
+                vm.calls.retain(|_, stream| *stream != id);
+            }
+        } else {
             if let Some(p) = vm.roots.remove(&id) {
                 // Counts not yet flushed would be lost with the old config.
                 p.on_tick();
@@ -154,8 +198,12 @@ impl<S: Stage> Vm<S> {
 }
 
 fn send(r: &LocalReply) {
+    send_with_body(r, r.body.as_bytes());
+}
+
+fn send_with_body(r: &LocalReply, body: &[u8]) {
     let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    if let Err(s) = abi::send_local_response(r.status, r.details, &headers, r.body.as_bytes(), Some(r.grpc_status)) {
+    if let Err(s) = abi::send_local_response(r.status, r.details, &headers, body, Some(r.grpc_status)) {
         log::error!("cannot send local reply {}: status {s}", r.status);
     }
 }
@@ -163,7 +211,8 @@ fn send(r: &LocalReply) {
 /// Define a module's exports. The first argument names the module (for
 /// logs), the second the stage type, the third a `fn(&[u8]) ->
 /// Result<Pipeline<S>, ConfigError>`; then the optional callbacks the module
-/// needs, out of `response_headers`, `response_body`, `log`. Every module
+/// needs, out of `response_headers`, `response_body`, `log`,
+/// `http_call_response`. Every module
 /// exports the ABI version, the allocator, `_initialize`, context creation,
 /// VM start, configure, request headers, tick and delete.
 #[macro_export]
@@ -239,6 +288,12 @@ macro_rules! export_module {
         #[no_mangle]
         pub extern "C" fn proxy_on_response_body(id: u32, size: usize, end_of_stream: u32) -> u32 {
             __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::response_body(vm, id, size, end_of_stream != 0))
+        }
+    };
+    (@extra http_call_response) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_http_call_response(id: u32, token: u32, headers: usize, body_size: usize, _trailers: usize) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::http_call_response(vm, id, token, headers, body_size))
         }
     };
     (@extra log) => {
