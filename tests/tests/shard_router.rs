@@ -102,7 +102,7 @@ fn same_key_always_reaches_the_same_shard() {
         let r = c.get("/items", &[("x-shard-key", &key)]);
         assert_eq!((r.status, r.header("x-shard")), (200, Some(want.as_str())));
     }
-    assert_eq!(envoy.stat("meshpatterns.shard_router.routed"), 20 * 21);
+    envoy.wait_stat("meshpatterns.shard_router.routed", 20 * 21);
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn ten_thousand_keys_spread_within_bound() {
     // Bound: every shard within ±10 % of the mean (ring of 3 × 1024 points).
     assert!(max <= 1.10 && min >= 0.90, "max/mean {max:.3}, min/mean {min:.3}: {counts:?}");
     for (shard, n) in &counts {
-        assert_eq!(envoy.stat(&format!("meshpatterns.shard_router.shard.{shard}.requests")), u64::from(*n), "{shard}");
+        envoy.wait_stat(&format!("meshpatterns.shard_router.shard.{shard}.requests"), u64::from(*n));
     }
 }
 
@@ -173,7 +173,8 @@ fn adding_a_shard_moves_about_one_in_n_plus_one_keys_all_to_the_new_shard() {
     assert!((frac - 0.25).abs() <= 0.04, "moved fraction {frac:.3}, expected 0.25 ± 0.04");
     // Every moved key was flagged as moved by the resharding map (echo replicas
     // answer 200, so no fallback was needed).
-    assert_eq!(envoy.stat("meshpatterns.shard_router.moved"), moved);
+    envoy.wait_stat("meshpatterns.shard_router.moved", moved);
+    // Counted in the same requests, so flushed with `moved`.
     assert_eq!(envoy.stat("meshpatterns.shard_router.fallback_served"), 0);
 }
 
@@ -198,7 +199,7 @@ fn client_sent_routing_header_changes_nothing() {
     // Without a key the forged header does not route either: the request is refused.
     let r = c.get("/", &[("x-shard-cluster", "shard_a")]);
     assert_eq!(r.status, 400);
-    assert_eq!(envoy.stat("meshpatterns.shard_router.client_header_replaced"), sent + 1);
+    envoy.wait_stat("meshpatterns.shard_router.client_header_replaced", sent + 1);
     assert_eq!(shards.iter().flatten().map(Upstream::hits).sum::<u64>(), sent);
 }
 
@@ -220,7 +221,7 @@ fn missing_or_invalid_key_gets_a_400_naming_the_problem_or_the_default_shard() {
     let r = c.get("/items", &[("x-shard-key", &"k".repeat(2000))]);
     assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("missing shard key")));
     assert_eq!(shards.iter().flatten().map(Upstream::hits).sum::<u64>(), 0, "nothing reached a shard");
-    assert_eq!(envoy.stat("meshpatterns.shard_router.rejected"), 3);
+    envoy.wait_stat("meshpatterns.shard_router.rejected", 3);
     let sources: Vec<String> =
         access_log(&envoy, 3).iter().map(|l| l["meshpatterns.shard.source"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(sources, ["missing", "invalid:pattern", "missing"]);
@@ -236,7 +237,7 @@ fn missing_or_invalid_key_gets_a_400_naming_the_problem_or_the_default_shard() {
         assert_eq!((r.status, r.header("x-shard")), (200, Some("shard-b")), "{path}");
         assert_eq!(shard_of_replica(r.replica()), "shard-b");
     }
-    assert_eq!(envoy.stat("meshpatterns.shard_router.defaulted"), 2);
+    envoy.wait_stat("meshpatterns.shard_router.defaulted", 2);
 }
 
 #[test]
@@ -277,7 +278,8 @@ fn dead_replica_is_ejected_and_a_dead_shard_gets_a_503_naming_it() {
         let r = c.get(&format!("/kv/{k}"), &[]);
         assert_eq!(r.status, 200, "{k} on a healthy shard: {}", r.text());
     }
-    assert!(envoy.stat("meshpatterns.shard_router.shard_unavailable") > keys_b.len() as u64);
+    let n = keys_b.len() as u64;
+    wait_for("shard_unavailable counted", Duration::from_secs(10), || (envoy.stat("meshpatterns.shard_router.shard_unavailable") > n).then_some(()));
 
     // It comes back.
     shards[1][1].set_healthy(true);
@@ -362,8 +364,8 @@ fn resharding_reads_of_moved_keys_fall_back_to_the_old_owner() {
     );
     assert!(!moved.is_empty());
     assert!(moved.iter().all(|k| predicted(&new, k) == "shard-d"));
-    assert_eq!(envoy.stat("meshpatterns.shard_router.moved"), moved.len() as u64);
-    assert_eq!(envoy.stat("meshpatterns.shard_router.fallback_served"), moved.len() as u64);
+    envoy.wait_stat("meshpatterns.shard_router.moved", moved.len() as u64);
+    envoy.wait_stat("meshpatterns.shard_router.fallback_served", moved.len() as u64);
     assert_eq!(shards[3].iter().map(Upstream::hits).sum::<u64>(), moved.len() as u64, "the new owner is asked first");
 
     // Writes go to the new owner only; after that reads are served by it.
@@ -374,6 +376,7 @@ fn resharding_reads_of_moved_keys_fall_back_to_the_old_owner() {
         assert_eq!((r.status, r.text().as_str(), r.header("x-shard")), (200, "new value", Some("shard-d")));
     }
     assert_eq!(stores[3].lock().unwrap().len(), 10);
+    envoy.wait_stat("meshpatterns.shard_router.moved", moved.len() as u64 + 20);
     assert_eq!(envoy.stat("meshpatterns.shard_router.fallback_served"), moved.len() as u64);
 
     // A write is never replayed against the old owner: the new owner's 404 stands.
@@ -386,6 +389,8 @@ fn resharding_reads_of_moved_keys_fall_back_to_the_old_owner() {
     let ghost = (0..).map(|i| format!("ghost-{i}")).find(|k| predicted(&old, k) != predicted(&new, k)).unwrap();
     let r = c.get(&format!("/kv/{ghost}"), &[]);
     assert_eq!((r.status, r.header("x-shard")), (404, Some(predicted(&old, &ghost).as_str())));
+    // The ghost's read fell back too (its old owner's 404 was served).
+    envoy.wait_stat("meshpatterns.shard_router.fallback_served", moved.len() as u64 + 1);
     assert_eq!(envoy.stat("meshpatterns.shard_router.fallback_failed"), 0);
 
     // The old owner of a moved key is down: the read is not answered with the
@@ -406,7 +411,7 @@ fn resharding_reads_of_moved_keys_fall_back_to_the_old_owner() {
         (v["error"].as_str(), v["shard"].as_str(), v["shardMapVersion"].as_str()),
         (Some("shard unavailable"), Some("shard-a"), Some("v1"))
     );
-    assert!(envoy.stat("meshpatterns.shard_router.fallback_failed") >= 1);
+    wait_for("fallback_failed counted", Duration::from_secs(10), || (envoy.stat("meshpatterns.shard_router.fallback_failed") >= 1).then_some(()));
     for r in &shards[0] {
         r.set_healthy(true);
     }

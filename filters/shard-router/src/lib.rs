@@ -4,25 +4,35 @@
 //! the core's consistent ring (or key ranges), and writes the shard's Envoy
 //! cluster into a request header that the route's `cluster_header` reads. It
 //! overwrites any client-sent copy, records the shard in filter state and
-//! optionally in a response header, answers 400 (or uses a default shard) for
-//! requests without a valid key, and names the shard in the 503 Envoy sends
-//! when a whole shard is unreachable.
+//! optionally in a response header, answers 400 (gRPC: INVALID_ARGUMENT) or
+//! uses a default shard for requests without a valid key, and names the
+//! shard in the 503 (gRPC: UNAVAILABLE) Envoy sends when a whole shard is
+//! unreachable.
 //!
 //! While resharding (a `previousShardMap` is configured), a read (GET/HEAD) of
 //! a key whose owner changed goes to the new owner; if that answers with a
 //! fallback status (404 by default), the filter holds the response, repeats
-//! the request against the old owner with `dispatch_http_call`, and replies
-//! with the old owner's answer (or a 503 naming it when it cannot be reached).
+//! the request against the old owner with an HTTP call, and replies with the
+//! old owner's answer (or a 503 naming it when it cannot be reached).
 //!
-//! All decisions live in [`logic`]; `glue.rs` only reads and applies them.
+//! All decisions live in [`logic`]; [`stage`] only reads, calls and applies.
 
 pub mod logic;
+pub mod stage;
 
-// The proxy-wasm glue exists only in the wasm module: natively this crate is
-// its pure logic, so test binaries can link several filters' logic at once
-// (each filter's `proxy_wasm::main!` defines the same `_initialize` symbol).
-#[cfg(target_arch = "wasm32")]
-mod glue;
+pub use stage::ShardRouter;
+
+// The module's exports, only in the wasm build of this crate as a module
+// (feature `module`, on by default; the pipeline module turns it off).
+#[cfg(all(target_arch = "wasm32", feature = "module"))]
+meshpatterns_host::export_module!(
+    "shard-router",
+    ShardRouter,
+    meshpatterns_host::stage::parse_single::<ShardRouter>,
+    response_headers,
+    response_body,
+    http_call_response
+);
 
 /// Filter state keys (`%FILTER_STATE(wasm.shard_router_shard:PLAIN)%`).
 pub const STATE_SHARD: &str = "shard_router_shard";
