@@ -34,7 +34,8 @@ fn expected_arm(user: &str, path: &str) -> String {
     let stage = meshpatterns_host::stage::build_stage::<experiment_splitter::ExperimentSplitter>(serde_json::from_slice(&json).unwrap(), "").unwrap();
     let req = StaticRequest::new(path).with("x-user-id", user);
     let d = experiment_splitter::logic::decide(&stage.stage.settings, &req, || "unused".into());
-    d.headers.iter().find(|(h, _)| h == "x-experiment-arm").map(|(_, v)| v.clone()).unwrap_or_default()
+    let arm = d.routing(&stage.stage.settings).find(|(h, _)| *h == "x-experiment-arm").map(|(_, v)| v.to_string()).unwrap_or_default();
+    arm
 }
 
 fn start(control: &[Upstream], treatment: &[Upstream]) -> meshpatterns_tests::Envoy {
