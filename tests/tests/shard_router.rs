@@ -2,15 +2,16 @@
 //! clusters of real upstream replicas: stable placement, spread over 10,000
 //! keys, movement when a shard is added, spoofed routing headers, missing and
 //! invalid keys, dead replicas and dead shards, resharding with fallback reads,
-//! range sharding, bad configs.
+//! range sharding, gRPC callers, bad configs.
 
 use std::collections::{BTreeMap, HashMap};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use meshpatterns_tests::upstream::{Reply, Request};
 use std::time::Duration;
 
-use meshpatterns_tests::{wait_for, Client, Envoy, EnvoyBuilder, Upstream};
+use meshpatterns_tests::{paths, wait_for, Client, Envoy, EnvoyBuilder, Upstream};
 use shard_router::logic::{Config, Settings};
 
 const CONFIG: &str = "shard-router.yaml";
@@ -274,11 +275,16 @@ fn dead_replica_is_ejected_and_a_dead_shard_gets_a_503_naming_it() {
         );
         assert_eq!(v["detail"], "no_healthy_upstream");
     }
+    // A gRPC caller gets UNAVAILABLE naming the shard (Envoy's trailers-only
+    // answer, grpc-message rewritten), not a JSON body.
+    let g = grpc_curl(envoy.port("ingress"), &[("x-shard-key", &keys_b[0])]);
+    assert_eq!((g.status, g.header("grpc-status"), g.header("x-shard")), (200, Some("14"), Some("shard-b")), "{g:?}");
+    assert_eq!(g.grpc_message(), "shard unavailable: shard shard-b (cluster shard_b, shard map v1): no_healthy_upstream", "{g:?}");
     for k in keys_a.iter().chain(&keys_c) {
         let r = c.get(&format!("/kv/{k}"), &[]);
         assert_eq!(r.status, 200, "{k} on a healthy shard: {}", r.text());
     }
-    let n = keys_b.len() as u64;
+    let n = keys_b.len() as u64 + 1;
     wait_for("shard_unavailable counted", Duration::from_secs(10), || (envoy.stat("meshpatterns.shard_router.shard_unavailable") > n).then_some(()));
 
     // It comes back.
@@ -288,6 +294,146 @@ fn dead_replica_is_ejected_and_a_dead_shard_gets_a_503_naming_it() {
     for k in &keys_b {
         assert_eq!(shard_for(&mut c, k), "shard-b");
     }
+}
+
+/// Keys are the bytes the client sent: keys differing only in a byte that is
+/// not UTF-8 are different keys, each placed where the filter's own code
+/// places its bytes (they used to collapse into one `k\u{FFFD}`). With a
+/// `keyPattern`, such a key never matches and is refused as invalid.
+#[test]
+fn keys_are_the_bytes_sent() {
+    let shards = echo_shards(3);
+    let s = settings(CONFIG);
+    let raw_get = |port: u16, key: &[u8]| {
+        let mut req = b"GET /items HTTP/1.1\r\nhost: localhost\r\nx-shard-key: ".to_vec();
+        req.extend_from_slice(key);
+        req.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        Client::new(port).raw(&req).unwrap()
+    };
+    let envoy = start(CONFIG, &shards, |b| b.replace(r#""keyPattern": "[A-Za-z0-9._:-]{1,128}","#, ""));
+    let port = envoy.port("ingress");
+    let mut seen = std::collections::BTreeSet::new();
+    for b in 0x80..=0xffu8 {
+        let key = [b'k', b];
+        let want = s.current.locate(key).unwrap().name.clone();
+        let r = raw_get(port, &key);
+        assert_eq!((r.status, r.header("x-shard")), (200, Some(want.as_str())), "key k\\x{b:02X}: {}", r.text());
+        seen.insert(want);
+    }
+    assert_eq!(seen.len(), 3, "128 keys differing in one non-UTF-8 byte spread over every shard: {seen:?}");
+    drop(envoy);
+
+    let envoy = start(CONFIG, &shards, |b| b);
+    let r = raw_get(envoy.port("ingress"), b"caf\xe9");
+    assert_eq!((r.status, r.json()["error"].as_str()), (400, Some("invalid shard key")), "{}", r.text());
+    assert!(r.json()["detail"].as_str().unwrap().contains("keyPattern"));
+}
+
+/// The Python interpreter with grpcio: `$PYTHON`, else the project
+/// virtualenv's, else the one beside `$ENVOY` (`make envoy` installs both).
+fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("PYTHON").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    let venv = paths::repo().join(".venv/bin/python3");
+    if venv.exists() {
+        return venv;
+    }
+    let beside = paths::envoy().with_file_name("python3");
+    if beside.exists() {
+        return beside;
+    }
+    "python3".into()
+}
+
+/// A gRPC answer as curl saw it: the HTTP status, then headers and trailers.
+#[derive(Debug)]
+struct GrpcAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl GrpcAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    /// `grpc-message`, percent-decoded.
+    fn grpc_message(&self) -> String {
+        let raw = self.header("grpc-message").unwrap_or("").as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            let hex = raw.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+            match (raw[i], hex) {
+                (b'%', Some(b)) => {
+                    out.push(b);
+                    i += 3;
+                }
+                (b, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+}
+
+/// A gRPC request with curl over HTTP/2 cleartext, with extra metadata
+/// (request headers). It has no body: the filter answers on the headers,
+/// and a body still in flight when Envoy ends the stream makes curl fail
+/// the transfer.
+fn grpc_curl(port: u16, metadata: &[(&str, &str)]) -> GrpcAnswer {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http2-prior-knowledge", "-X", "POST", "-D", "-", "-o", "/dev/null"]);
+    cmd.args(["-H", "content-type: application/grpc", "-H", "te: trailers"]);
+    for (k, v) in metadata {
+        cmd.args(["-H", &format!("{k}: {v}")]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}/meshpatterns.test.Echo/Call"));
+    let out = cmd.stdin(Stdio::null()).output().expect("curl");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    GrpcAnswer { status, headers }
+}
+
+/// A real gRPC client (grpcio, tests/grpc/echo.py) through h2c: a call
+/// without a shard key is refused with INVALID_ARGUMENT (Envoy would map a
+/// bare 400 to INTERNAL) and a message naming the key sources tried; one
+/// with an invalid key likewise, naming the problem; nothing reaches a shard.
+#[test]
+fn grpc_calls_without_a_valid_key_get_invalid_argument() {
+    let shards = echo_shards(3);
+    let envoy = start(CONFIG, &shards, |b| b);
+    let port = envoy.port("ingress");
+    let out = Command::new(python())
+        .arg(paths::repo().join("tests/grpc/echo.py"))
+        .args(["call", &format!("127.0.0.1:{port}"), "2"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e})", python().display()));
+    assert!(out.status.success(), "gRPC client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(calls.len(), 2);
+    for v in &calls {
+        assert_eq!(v["code"], "INVALID_ARGUMENT", "{v}");
+        assert_eq!(
+            v["details"],
+            "missing shard key: no key source yielded a key (tried path_regex, header:x-shard-key; empty values and values over 1024 bytes do not count)"
+        );
+    }
+
+    let g = grpc_curl(port, &[("x-shard-key", "bad*key")]);
+    assert_eq!((g.status, g.header("grpc-status"), g.header("content-type")), (200, Some("3"), Some("application/grpc")), "{g:?}");
+    assert_eq!(g.grpc_message(), "invalid shard key from header:x-shard-key: the key does not match keyPattern (shard map v1)");
+
+    assert_eq!(shards.iter().flatten().map(Upstream::hits).sum::<u64>(), 0, "nothing reached a shard");
+    envoy.wait_stat("meshpatterns.shard_router.rejected", 3);
+    let sources: Vec<String> =
+        access_log(&envoy, 3).iter().map(|l| l["meshpatterns.shard.source"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(sources, ["missing", "missing", "invalid:pattern"]);
 }
 
 /// A replicated key-value shard: both replicas share one store.
