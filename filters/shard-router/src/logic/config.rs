@@ -37,7 +37,6 @@ pub use meshpatterns_core::key::MAX_KEY_BYTES;
 pub struct Config {
     /// Where the shard key comes from, tried in order (at least one). Empty
     /// values and values over 1024 bytes count as missing.
-    #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub key_sources: Vec<KeySourceConfig>,
     /// A regular expression (regex-lite syntax, at most 1024 bytes) the whole
@@ -446,6 +445,7 @@ mod tests {
         let base = r#"{"keySources":[{"header":"x-key"}],"shardMap":{"shards":[{"name":"a"},{"name":"b"}]}}"#;
         let cases = [
             (r#"{"shardMap":{"shards":[{"name":"a"}]}}"#, "keySources"),
+            (r#"{"keySources":[],"shardMap":{"shards":[{"name":"a"}]}}"#, "keySources"),
             (r#"{"keySources":[{"header":"x-key"}],"shardMap":{"shards":[]}}"#, "shardMap.shards"),
             (r#"{"keySources":[{"header":"x-key"}],"shardMap":{"shards":[{"name":"a b"}]}}"#, "shardMap.shards[0].name"),
             (r#"{"keySources":[{"header":"x-key"}],"shardMap":{"shards":[{"name":"a"},{"name":"a"}]}}"#, "shardMap.shards[1].name"),
