@@ -485,15 +485,24 @@ mod tests {
     #[test]
     fn limits_at_their_edges() {
         let map = |shards: &str, extra: &str| format!(r#"{{"keySources":[{{"header":"x-key"}}]{extra},"shardMap":{{"shards":[{shards}]}}}}"#);
-        let n_shards = |n: usize| (0..n).map(|i| format!(r#"{{"name":"s{i}"}}"#)).collect::<Vec<_>>().join(",");
-        assert_eq!(settings(&map(&n_shards(MAX_SHARDS), "")).unwrap().current.shards.len(), MAX_SHARDS);
-        let e = settings(&map(&n_shards(MAX_SHARDS + 1), "")).unwrap_err();
+        // 256 shards (on ranges: a ring that large is slow to build unoptimised).
+        let n_ranged = |n: usize| {
+            let shards: Vec<String> = (0..n).map(|i| format!(r#"{{"name":"s{i}"}}"#)).collect();
+            let ranges: Vec<String> = (0..n).map(|i| format!(r#"{{"shard":"s{i}","below":{}}}"#, i + 1)).collect();
+            format!(
+                r#"{{"keySources":[{{"header":"x-key"}}],"shardMap":{{"keyOrder":"numeric","shards":[{}],"ranges":[{}]}}}}"#,
+                shards.join(","),
+                ranges.join(",")
+            )
+        };
+        assert_eq!(settings(&n_ranged(MAX_SHARDS)).unwrap().current.shards.len(), MAX_SHARDS);
+        let e = settings(&n_ranged(MAX_SHARDS + 1)).unwrap_err();
         assert_eq!((e.field.as_str(), e.allowed.as_str()), ("shardMap.shards", "1..=256 shards"));
 
-        // Weights: each and all together at most 1024.
-        assert!(settings(&map(r#"{"name":"a","weight":1024}"#, "")).is_ok());
-        assert_eq!(settings(&map(r#"{"name":"a","weight":1025}"#, "")).unwrap_err().field, "shardMap.shards[0].weight");
+        // Weights: each and all together at most 1024 (one full ring of
+        // 1,048,576 points, the most a map can hold).
         assert!(settings(&map(r#"{"name":"a","weight":1000},{"name":"b","weight":24}"#, "")).is_ok());
+        assert_eq!(settings(&map(r#"{"name":"a","weight":1025}"#, "")).unwrap_err().field, "shardMap.shards[0].weight");
         let e = settings(&map(r#"{"name":"a","weight":1000},{"name":"b","weight":25}"#, "")).unwrap_err();
         assert_eq!(e.field, "shardMap.shards", "{e}");
         assert!(e.allowed.contains("1024"), "{e}");
