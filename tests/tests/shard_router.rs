@@ -285,7 +285,9 @@ fn dead_replica_is_ejected_and_a_dead_shard_gets_a_503_naming_it() {
         assert_eq!(r.status, 200, "{k} on a healthy shard: {}", r.text());
     }
     let n = keys_b.len() as u64 + 1;
-    wait_for("shard_unavailable counted", Duration::from_secs(10), || (envoy.stat("meshpatterns.shard_router.shard_unavailable") > n).then_some(()));
+    wait_for("shard_unavailable counted", Duration::from_secs(10), || {
+        (envoy.stat("meshpatterns.shard_router.shard_unavailable") > n).then_some(())
+    });
 
     // It comes back.
     shards[1][1].set_healthy(true);
@@ -557,7 +559,9 @@ fn resharding_reads_of_moved_keys_fall_back_to_the_old_owner() {
         (v["error"].as_str(), v["shard"].as_str(), v["shardMapVersion"].as_str()),
         (Some("shard unavailable"), Some("shard-a"), Some("v1"))
     );
-    wait_for("fallback_failed counted", Duration::from_secs(10), || (envoy.stat("meshpatterns.shard_router.fallback_failed") >= 1).then_some(()));
+    wait_for("fallback_failed counted", Duration::from_secs(10), || {
+        (envoy.stat("meshpatterns.shard_router.fallback_failed") >= 1).then_some(())
+    });
     for r in &shards[0] {
         r.set_healthy(true);
     }

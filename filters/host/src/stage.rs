@@ -129,8 +129,10 @@ impl<'a> Request<'a> {
     /// client's, with the writes recorded until now applied (a written
     /// header comes last). For stages that repeat the request elsewhere.
     pub fn header_pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let touched = |name: &[u8]| self.ops.iter().any(|op| matches!(op, HeaderOp::Set(n, _) | HeaderOp::Remove(n) if n.as_bytes() == name));
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = self.headers.iter().filter(|(k, _)| !touched(k)).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let touched =
+            |name: &[u8]| self.ops.iter().any(|op| matches!(op, HeaderOp::Set(n, _) | HeaderOp::Remove(n) if n.as_bytes() == name));
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> =
+            self.headers.iter().filter(|(k, _)| !touched(k)).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
         for (i, op) in self.ops.iter().enumerate() {
             // Only the last write to a name counts.
             let name = match op {

@@ -24,11 +24,11 @@ pub const MAX_VALUE_LEN: usize = 256;
 pub const MAX_KEY_PATTERN: usize = 1024;
 /// Upper bound for `fallbackTimeoutMs`.
 pub const MAX_FALLBACK_TIMEOUT_MS: u32 = 60_000;
+/// Longest key, in bytes: longer keys (and empty ones) count as missing.
+pub use meshpatterns_core::key::MAX_KEY_BYTES;
 /// Highest weight of one shard, and of all shards of a map together (the
 /// ring holds 1,024 points per unit of weight).
 pub use meshpatterns_core::place::MAX_TOTAL_WEIGHT;
-/// Longest key, in bytes: longer keys (and empty ones) count as missing.
-pub use meshpatterns_core::key::MAX_KEY_BYTES;
 
 /// The plugin configuration as written in JSON (Envoy or Istio pluginConfig).
 #[derive(Debug, Clone, Deserialize)]
@@ -484,7 +484,8 @@ mod tests {
     /// Every documented limit holds at its edge and fails one past it.
     #[test]
     fn limits_at_their_edges() {
-        let map = |shards: &str, extra: &str| format!(r#"{{"keySources":[{{"header":"x-key"}}]{extra},"shardMap":{{"shards":[{shards}]}}}}"#);
+        let map =
+            |shards: &str, extra: &str| format!(r#"{{"keySources":[{{"header":"x-key"}}]{extra},"shardMap":{{"shards":[{shards}]}}}}"#);
         // 256 shards (on ranges: a ring that large is slow to build unoptimised).
         let n_ranged = |n: usize| {
             let shards: Vec<String> = (0..n).map(|i| format!(r#"{{"name":"s{i}"}}"#)).collect();
@@ -510,7 +511,10 @@ mod tests {
         // Names: 64 characters; clusters and versions: 256.
         let name = |n: usize| "n".repeat(n);
         assert!(settings(&map(&format!(r#"{{"name":"{}"}}"#, name(MAX_SHARD_NAME)), "")).is_ok());
-        assert_eq!(settings(&map(&format!(r#"{{"name":"{}"}}"#, name(MAX_SHARD_NAME + 1)), "")).unwrap_err().field, "shardMap.shards[0].name");
+        assert_eq!(
+            settings(&map(&format!(r#"{{"name":"{}"}}"#, name(MAX_SHARD_NAME + 1)), "")).unwrap_err().field,
+            "shardMap.shards[0].name"
+        );
         assert!(settings(&map(&format!(r#"{{"name":"a","cluster":"{}"}}"#, name(MAX_VALUE_LEN)), "")).is_ok());
         assert_eq!(
             settings(&map(&format!(r#"{{"name":"a","cluster":"{}"}}"#, name(MAX_VALUE_LEN + 1)), "")).unwrap_err().field,
@@ -520,19 +524,27 @@ mod tests {
             settings(&map(&format!(r#"{{"name":"a","dispatchCluster":"{}"}}"#, name(MAX_VALUE_LEN + 1)), "")).unwrap_err().field,
             "shardMap.shards[0].dispatchCluster"
         );
-        let versioned = |v: &str| format!(r#"{{"keySources":[{{"header":"x-key"}}],"shardMap":{{"version":"{v}","shards":[{{"name":"a"}}]}}}}"#);
+        let versioned =
+            |v: &str| format!(r#"{{"keySources":[{{"header":"x-key"}}],"shardMap":{{"version":"{v}","shards":[{{"name":"a"}}]}}}}"#);
         assert!(settings(&versioned(&name(MAX_VALUE_LEN))).is_ok());
         assert_eq!(settings(&versioned(&name(MAX_VALUE_LEN + 1))).unwrap_err().field, "shardMap.version");
 
         // keyPattern: 1024 bytes.
         assert!(settings(&map(r#"{"name":"a"}"#, &format!(r#","keyPattern":"{}""#, name(MAX_KEY_PATTERN)))).is_ok());
-        assert_eq!(settings(&map(r#"{"name":"a"}"#, &format!(r#","keyPattern":"{}""#, name(MAX_KEY_PATTERN + 1)))).unwrap_err().field, "keyPattern");
+        assert_eq!(
+            settings(&map(r#"{"name":"a"}"#, &format!(r#","keyPattern":"{}""#, name(MAX_KEY_PATTERN + 1)))).unwrap_err().field,
+            "keyPattern"
+        );
 
         // Ranges: 1024.
         let ranged = |n: usize| {
-            let ranges: Vec<String> =
-                (0..n).map(|i| if i + 1 == n { r#"{"shard":"a"}"#.to_string() } else { format!(r#"{{"shard":"a","below":{}}}"#, i + 1) }).collect();
-            format!(r#"{{"keySources":[{{"header":"x-key"}}],"shardMap":{{"keyOrder":"numeric","shards":[{{"name":"a"}}],"ranges":[{}]}}}}"#, ranges.join(","))
+            let ranges: Vec<String> = (0..n)
+                .map(|i| if i + 1 == n { r#"{"shard":"a"}"#.to_string() } else { format!(r#"{{"shard":"a","below":{}}}"#, i + 1) })
+                .collect();
+            format!(
+                r#"{{"keySources":[{{"header":"x-key"}}],"shardMap":{{"keyOrder":"numeric","shards":[{{"name":"a"}}],"ranges":[{}]}}}}"#,
+                ranges.join(",")
+            )
         };
         assert!(settings(&ranged(MAX_RANGES)).is_ok());
         assert_eq!(settings(&ranged(MAX_RANGES + 1)).unwrap_err().field, "shardMap.ranges");

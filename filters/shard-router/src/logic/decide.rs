@@ -148,11 +148,9 @@ pub fn decide<'a>(s: &'a Settings, req: &dyn RequestView) -> Decision<'a> {
     match placed {
         Ok(((index, shard), m)) => {
             // A key the old map cannot place (a range the new map added) has no old owner.
-            let previous =
-                s.previous.as_ref().and_then(|p| p.place(&m.value).ok()).filter(|(_, old)| old.cluster != shard.cluster);
-            let fallback_to = previous
-                .filter(|_| !s.fallback_statuses.is_empty() && replayable(&req.method().unwrap_or_default()))
-                .map(|(i, _)| i);
+            let previous = s.previous.as_ref().and_then(|p| p.place(&m.value).ok()).filter(|(_, old)| old.cluster != shard.cluster);
+            let fallback_to =
+                previous.filter(|_| !s.fallback_statuses.is_empty() && replayable(&req.method().unwrap_or_default())).map(|(i, _)| i);
             Decision::Route(Route {
                 shard,
                 index,
@@ -658,7 +656,8 @@ mod tests {
         assert!(s.falls_back_on(404) && !s.falls_back_on(500));
         // Writes are never repeated; neither is anything with the fallback off.
         let moved_key = (0..).map(|i| format!("/kv/k{i}")).find(|p| route_path(&s, p).previous.is_some()).unwrap();
-        let put = StaticRequest { headers: vec![(":path".into(), moved_key.clone()), (":method".into(), "PUT".into())], ..Default::default() };
+        let put =
+            StaticRequest { headers: vec![(":path".into(), moved_key.clone()), (":method".into(), "PUT".into())], ..Default::default() };
         let r = route(&s, &put);
         assert!(r.previous.is_some() && r.fallback_to.is_none());
         let mut off = s.clone();
@@ -721,7 +720,10 @@ mod tests {
         assert_eq!((r.status, r.grpc_status), (503, 14));
         assert_eq!(r.headers, pairs(&[("content-type", "application/json"), ("x-shard", "a")]));
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        assert_eq!((v["error"].as_str(), v["shard"].as_str(), v["shardMapVersion"].as_str()), (Some("shard unavailable"), Some("a"), Some("v1")));
+        assert_eq!(
+            (v["error"].as_str(), v["shard"].as_str(), v["shardMapVersion"].as_str()),
+            (Some("shard unavailable"), Some("a"), Some("v1"))
+        );
         let r = previous_owner_unavailable(&prev, &old, "previous owner unreachable while resharding", true);
         assert_eq!(r.headers, pairs(&[("x-shard", "a")]));
         assert_eq!(r.body, "shard unavailable: shard a (cluster shard_a, shard map v1): previous owner unreachable while resharding");
