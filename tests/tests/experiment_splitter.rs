@@ -28,7 +28,12 @@ fn arms(treatment_percent: u32) -> String {
 
 /// Whether `user` belongs in treatment when treatment has `percent` % (independent computation).
 fn expect_treatment(user: &str, percent: u32) -> bool {
-    bucket(salted_hash64(SALT.as_bytes(), user.as_bytes()), 10_000) < u64::from(percent) * 100
+    expect_treatment_bytes(user.as_bytes(), percent)
+}
+
+/// The same for a key given as the bytes the client sends.
+fn expect_treatment_bytes(user: &[u8], percent: u32) -> bool {
+    bucket(salted_hash64(SALT.as_bytes(), user), 10_000) < u64::from(percent) * 100
 }
 
 /// Upstreams named `control` and `treatment`; both answer 500 on paths containing `/fail`.
@@ -114,8 +119,8 @@ fn treatment_share_over_100k_users_is_within_half_a_point() {
     assert!((share - 10.0).abs() <= 0.5, "treatment share {share:.3} % is not within 10 ± 0.5 %");
     assert_eq!(treatment.hits(), in_treatment);
     assert_eq!(control.hits(), 100_000 - in_treatment);
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.checkout-v2.treatment.requests"), in_treatment);
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.checkout-v2.control.requests"), 100_000 - in_treatment);
+    envoy.wait_stat("meshpatterns.experiment_splitter.checkout-v2.treatment.requests", in_treatment);
+    envoy.wait_stat("meshpatterns.experiment_splitter.checkout-v2.control.requests", 100_000 - in_treatment);
 }
 
 #[test]
@@ -210,7 +215,7 @@ fn users_without_an_id_get_a_cookie_and_keep_their_first_arm() {
     }
     assert_eq!(ids.len(), 200, "every new user gets a new id");
     eprintln!("200 cookie-less users: {in_treatment} assigned to treatment on their first request, and stayed");
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.cookie_issued"), 200);
+    envoy.wait_stat("meshpatterns.experiment_splitter.cookie_issued", 200);
     // A user with an id gets no cookie.
     assert!(c.get("/checkout", &[("x-user-id", "alice")]).header("set-cookie").is_none());
 }
@@ -251,9 +256,9 @@ fn override_needs_the_shared_secret_and_is_never_forwarded() {
     // The override also reaches paths outside the targeting (QA sees any page in treatment).
     let r = c.get("/", &[("x-user-id", &cu), ("x-experiment-override", "treatment"), ("x-experiment-secret", SECRET)]);
     assert_eq!(r.replica(), "treatment");
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.override_accepted"), 2);
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.override_rejected"), 4);
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.checkout-v2.forced"), 2);
+    envoy.wait_stat("meshpatterns.experiment_splitter.override_accepted", 2);
+    envoy.wait_stat("meshpatterns.experiment_splitter.override_rejected", 4);
+    envoy.wait_stat("meshpatterns.experiment_splitter.checkout-v2.forced", 2);
 }
 
 #[test]
@@ -280,8 +285,8 @@ fn targeting_lists_and_client_sent_routing_headers() {
         assert_eq!(r.replica(), "control", "client sent x-experiment-arm: {forged}");
         assert_eq!(upstream_saw(&r, "x-experiment-arm").as_deref(), Some("control"));
     }
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.client_header_replaced"), 3);
-    assert_eq!(envoy.stat("meshpatterns.experiment_splitter.checkout-v2.excluded"), 2);
+    envoy.wait_stat("meshpatterns.experiment_splitter.client_header_replaced", 3);
+    envoy.wait_stat("meshpatterns.experiment_splitter.checkout-v2.excluded", 2);
     drop(envoy);
 
     // Header and cookie targeting (a variant of the shipped config).
@@ -322,9 +327,13 @@ fn per_arm_metrics_count_requests_and_5xx_and_access_log_has_the_arm() {
         assert_eq!(r.status, 500);
         t_fail += u64::from(r.replica() == "treatment");
     }
-    let stat = |arm: &str, what: &str| envoy.stat(&format!("meshpatterns.experiment_splitter.checkout-v2.{arm}.{what}"));
-    assert_eq!((stat("treatment", "requests"), stat("control", "requests")), (t_ok + t_fail, 400 - t_ok + 200 - t_fail));
-    assert_eq!((stat("treatment", "responses_5xx"), stat("control", "responses_5xx")), (t_fail, 200 - t_fail));
+    // Counters are batched in the VM and flushed every 500 ms.
+    let stat =
+        |arm: &str, what: &str, want: u64| envoy.wait_stat(&format!("meshpatterns.experiment_splitter.checkout-v2.{arm}.{what}"), want);
+    stat("treatment", "requests", t_ok + t_fail);
+    stat("control", "requests", 400 - t_ok + 200 - t_fail);
+    stat("treatment", "responses_5xx", t_fail);
+    stat("control", "responses_5xx", 200 - t_fail);
     eprintln!("per-arm: treatment {} requests / {t_fail} 5xx; control {} / {}", t_ok + t_fail, 600 - t_ok - t_fail, 200 - t_fail);
 
     // Prometheus output carries experiment and arm labels.
@@ -373,6 +382,137 @@ fn invalid_configs_are_refused_with_the_field_named() {
     let err = b.validate().expect_err("a short secret is refused");
     assert!(err.contains("field `override.secret` has value (12 bytes, not shown)"), "{err}");
     assert!(!err.contains("short-secret"), "{err}");
+}
+
+/// Keys are the bytes the client sent: user keys that differ only in one
+/// byte that is not UTF-8 are different users, each on the arm its own bytes
+/// hash to (decoded lossily, all of them would be `u-\u{FFFD}` and share one arm).
+#[test]
+fn user_keys_that_are_not_utf8_are_assigned_by_their_bytes() {
+    let (control, treatment) = quiet_upstreams();
+    let envoy = builder(&control, &treatment).start();
+    let mut c = Client::new(envoy.port("ingress"));
+    let mut seen = BTreeSet::new();
+    for b in 0x80..=0xffu8 {
+        let key = [b'u', b'-', b];
+        let mut req = b"GET /checkout HTTP/1.1\r\nhost: localhost\r\nx-user-id: ".to_vec();
+        req.extend_from_slice(&key);
+        req.extend_from_slice(b"\r\n\r\n");
+        let r = c.raw(&req).unwrap_or_else(|e| panic!("key {key:x?}: {e}"));
+        assert_eq!(r.status, 200, "key {key:x?}");
+        let want = if expect_treatment_bytes(&key, 10) { "treatment" } else { "control" };
+        assert_eq!(r.replica(), want, "key {key:x?}");
+        assert_eq!(r.header("x-experiment"), Some(format!("checkout-v2={want}").as_str()), "key {key:x?}");
+        seen.insert(want);
+    }
+    assert_eq!(seen.len(), 2, "128 keys differing in one non-UTF-8 byte reach both arms");
+    let t = (0x80..=0xffu8).filter(|b| expect_treatment_bytes(&[b'u', b'-', *b], 10)).count();
+    eprintln!("128 non-UTF-8 keys: {t} in treatment, each on its own bucket's arm");
+}
+
+/// The README's failure case: with `cluster_header` routing and no filter,
+/// nothing writes the arm header, so Envoy finds no cluster and answers 503
+/// with response flag NC; a client that sends the header itself picks its
+/// cluster, unless the header is removed before route selection
+/// (`early_header_mutation_extensions`, as the README advises).
+#[test]
+fn without_the_filter_the_arm_route_answers_503_nc() {
+    let (control, treatment) = quiet_upstreams();
+    // The wasm filter's entry, as rendered (replacements apply before the
+    // pipeline rewrite, so this also works with MESHPATTERNS_MODULE=pipeline).
+    let text = std::fs::read_to_string(paths::repo().join("envoy").join(CONFIG)).unwrap();
+    let start = text.find("          - name: meshpatterns.experiment_splitter\n").expect("the wasm filter entry");
+    let end = text.find("          - name: envoy.filters.http.router\n").expect("the router entry");
+    let filter = text[start..end].replace("{{WASM_DIR}}", &paths::wasm_dir().display().to_string());
+    let filter = filter.as_str();
+    let envoy = builder(&control, &treatment).replace(filter, "").start();
+    let mut c = Client::new(envoy.port("ingress"));
+    for path in ["/checkout", "/home"] {
+        let r = c.get(path, &[("x-user-id", "alice")]);
+        assert_eq!(r.status, 503, "{path}: {}", r.text());
+        assert_eq!(r.header("x-experiment"), None);
+    }
+    // Without the filter nothing overwrites a client's own arm header.
+    let r = c.get("/checkout", &[("x-user-id", "alice"), ("x-experiment-arm", "treatment")]);
+    assert_eq!((r.status, r.replica()), (200, "treatment"));
+    assert_eq!((control.hits(), treatment.hits()), (0, 1));
+    let logs = wait_for("3 access log lines", Duration::from_secs(30), || {
+        let v: Vec<serde_json::Value> = envoy.stdout().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (v.len() >= 3).then_some(v)
+    });
+    for v in &logs[..2] {
+        assert_eq!(v["http.response.status_code"].to_string().trim_matches('"'), "503", "{v}");
+        assert_eq!(v["envoy.response_flags"], "NC", "{v}");
+    }
+    drop(envoy);
+
+    // Removing the header before route selection closes that gap.
+    let hcm = "          stat_prefix: ingress\n";
+    let strip = "          stat_prefix: ingress\n          early_header_mutation_extensions:\n          - name: envoy.http.early_header_mutation.header_mutation\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation\n              mutations:\n              - remove: x-experiment-arm\n";
+    let envoy = builder(&control, &treatment).replace(filter, "").replace(hcm, strip).start();
+    let mut c = Client::new(envoy.port("ingress"));
+    let r = c.get("/checkout", &[("x-user-id", "alice"), ("x-experiment-arm", "treatment")]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(treatment.hits(), 1, "the client's header no longer picks the cluster");
+    drop(envoy);
+
+    // With the filter and the early removal, the filter still routes.
+    let envoy = builder(&control, &treatment).replace(hcm, strip).start();
+    let mut c = Client::new(envoy.port("ingress"));
+    let (cu, tu) = control_and_treatment_users();
+    assert_eq!(c.get("/checkout", &[("x-user-id", &tu), ("x-experiment-arm", "control")]).replica(), "treatment");
+    assert_eq!(c.get("/checkout", &[("x-user-id", &cu), ("x-experiment-arm", "treatment")]).replica(), "control");
+}
+
+/// The per-experiment `match` block (the syntax every filter shares) through
+/// Envoy, and the deprecated `targeting.pathPrefixes` still read, with one
+/// warning naming the old and the new field.
+#[test]
+fn match_block_scopes_the_experiment_and_old_targeting_warns() {
+    let (control, treatment) = upstreams();
+    let (_, tu) = control_and_treatment_users();
+    let warning = "experiment-splitter: deprecated config fields, read for this release only: `experiments[0].targeting.pathPrefixes` (use `experiments[0].match.pathPrefixes`)";
+    // The shipped config still uses `targeting`.
+    let envoy = builder(&control, &treatment).start();
+    let mut c = Client::new(envoy.port("ingress"));
+    assert_eq!(c.get("/checkout", &[("x-user-id", &tu)]).replica(), "treatment");
+    assert_eq!(c.get("/home", &[("x-user-id", &tu)]).replica(), "control");
+    // Envoy flushes its log file every few seconds.
+    wait_for("the deprecation warning in Envoy's log", Duration::from_secs(30), || envoy.log().contains(warning).then_some(()));
+    drop(envoy);
+
+    let envoy = builder(&control, &treatment)
+        .replace(
+            r#""targeting": {"pathPrefixes": ["/checkout"]}"#,
+            r#""match": {"hosts": ["shop.example.com", "*.shop.example.com"], "pathPrefixes": ["/checkout"], "methods": ["GET"],
+                         "headers": [{"name": "x-synthetic", "present": false}], "not": {"pathPrefixes": ["/checkout/health"]}}"#,
+        )
+        .start();
+    let mut c = Client::new(envoy.port("ingress"));
+    let cases: [(&str, &str, &str, &[(&str, &str)], &str); 8] = [
+        ("GET", "shop.example.com", "/checkout/pay", &[], "treatment"),
+        ("GET", "eu.shop.example.com:8080", "/checkout", &[], "treatment"),
+        ("GET", "shop.example.com", "/checkout/./pay", &[], "treatment"),
+        ("GET", "other.example.com", "/checkout", &[], "control"),
+        ("GET", "shop.example.com", "/home", &[], "control"),
+        ("GET", "shop.example.com", "/checkout/health", &[], "control"),
+        ("GET", "shop.example.com", "/checkout", &[("x-synthetic", "1")], "control"),
+        ("POST", "shop.example.com", "/checkout", &[], "control"),
+    ];
+    for (method, host, path, extra, want) in cases {
+        c.host = host.to_string();
+        let mut h = vec![("x-user-id", tu.as_str())];
+        h.extend_from_slice(extra);
+        let r = c.request(method, path, &h, b"");
+        assert_eq!(r.replica(), want, "{method} {host}{path} {extra:?}");
+        let exposed = r.header("x-experiment");
+        assert_eq!(exposed, (want == "treatment").then_some("checkout-v2=treatment"), "{method} {host}{path}");
+    }
+    envoy.wait_stat("meshpatterns.experiment_splitter.checkout-v2.excluded", 5);
+    // `match` is not deprecated. The plugin is configured before Envoy
+    // starts its dispatch loop, so once that line is flushed, so is any warning.
+    wait_for("Envoy's log", Duration::from_secs(30), || envoy.log().contains("starting main dispatch loop").then_some(()));
+    assert!(!envoy.log().contains("deprecated config fields"), "{}", envoy.log());
 }
 
 /// istio/experiment-splitter.yaml: the plugin config parses, and the
