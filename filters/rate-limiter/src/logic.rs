@@ -18,8 +18,8 @@ use meshpatterns_core::RequestView;
 
 use bucket::Take;
 pub use config::{Config, Match, Policy, Settings};
-pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
 use table::{place, take_shared, Shared};
+pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
 
 impl Match {
     /// Whether every condition of the rule holds for `req`. Paths and header
@@ -164,14 +164,9 @@ pub fn decide(s: &Settings, table: &Table, req: &dyn RequestView, store: &mut dy
             };
             Decision { verdict, policy: Some(index), take: Some(take), conflicts, table_full, fail_reason: None }
         }
-        Shared::FailOpen { reason, conflicts, table_full } => Decision {
-            verdict: Verdict::FailOpen,
-            policy: Some(index),
-            take: None,
-            conflicts,
-            table_full,
-            fail_reason: Some(reason),
-        },
+        Shared::FailOpen { reason, conflicts, table_full } => {
+            Decision { verdict: Verdict::FailOpen, policy: Some(index), take: None, conflicts, table_full, fail_reason: Some(reason) }
+        }
     }
 }
 
@@ -494,7 +489,11 @@ mod tests {
     #[test]
     fn table_full_policies() {
         // 16 slots (one set), 17 keys with a burst of 2 at one a day
-        let p = |when: &str| settings(&format!(r#"{{"slots":16,"tableFull":"{when}","policies":[{{"name":"p","key":[{{"header":"k"}}],"rate":1,"per":"day","burst":2}}]}}"#));
+        let p = |when: &str| {
+            settings(&format!(
+                r#"{{"slots":16,"tableFull":"{when}","policies":[{{"name":"p","key":[{{"header":"k"}}],"rate":1,"per":"day","burst":2}}]}}"#
+            ))
+        };
         let req = |i: u32| StaticRequest::new("/").with("k", &format!("key-{i}"));
         for (when, verdict) in [("evict", Verdict::Allowed), ("limit", Verdict::Limited), ("allow", Verdict::FailOpen)] {
             let s = p(when);

@@ -47,10 +47,13 @@ impl Metrics {
     }
 
     fn all(&self) -> impl Iterator<Item = &BatchedCounter> {
-        self.policies
-            .iter()
-            .flat_map(|p| [&p.allowed, &p.limited, &p.shadow_limited])
-            .chain([&self.allowlisted, &self.unmatched, &self.fail_open, &self.cas_conflicts, &self.table_full])
+        self.policies.iter().flat_map(|p| [&p.allowed, &p.limited, &p.shadow_limited]).chain([
+            &self.allowlisted,
+            &self.unmatched,
+            &self.fail_open,
+            &self.cas_conflicts,
+            &self.table_full,
+        ])
     }
 }
 

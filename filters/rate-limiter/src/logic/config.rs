@@ -40,6 +40,7 @@ pub struct Config {
     pub allowlist: Vec<MatchConfig>,
     /// Bucket slots shared by all workers and policies, in sets of 16 (fixes memory).
     #[serde(default = "default_slots")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 1_048_576)))]
     pub slots: u32,
     /// What a new key gets when every slot of its set holds another key's
     /// bucket that is not full: `evict` (take over the bucket full soonest),
@@ -48,6 +49,7 @@ pub struct Config {
     pub table_full: WhenFull,
     /// Divide every rate and burst by this many proxies that share one global budget.
     #[serde(default = "one")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 10_000)))]
     pub replicas: u32,
     /// Count and add headers but never block (every policy, unless it sets `shadow`).
     #[serde(default)]
@@ -82,12 +84,14 @@ pub struct PolicyConfig {
     /// core key source (`{"header": "x-api-key"}`, `{"clientAddress": {...}}`, `"path"` ...).
     pub key: Vec<KeySourceConfig>,
     /// Requests per `per`.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 1_000_000_000)))]
     pub rate: u64,
     /// Unit of `rate`.
     #[serde(default)]
     pub per: Unit,
     /// Bucket capacity: requests allowed at once after a quiet period (default `rate`).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 1_000_000_000)))]
     pub burst: Option<u64>,
     /// Override the top-level `shadow` for this policy.
     #[serde(default)]
@@ -154,11 +158,13 @@ pub struct HeaderMatchConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitedResponseConfig {
     #[serde(default = "default_status")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 400, max = 599)))]
     pub status: u32,
     /// gRPC status for a gRPC request (`content-type: application/grpc*`),
     /// 1..=16; default 8 RESOURCE_EXHAUSTED (14 UNAVAILABLE would be retried
     /// by Istio's default retry policy).
     #[serde(default = "default_grpc_status")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 16)))]
     pub grpc_status: u32,
     /// A JSON value sent as the body; default `{"error": "rate_limited", "policy": ..., "retryAfterSeconds": ...}`.
     #[serde(default)]
@@ -432,7 +438,8 @@ mod tests {
         let p = &s.policies[0];
         assert_eq!(p.bucket, BucketParams { capacity: 100_000, refill: 100_000, unit_ns: 1_000_000_000 });
         assert!(!p.shadow && p.matcher.is_empty());
-        let s = settings(r#"{"tableFull":"limit","limitedResponse":{"grpcStatus":14},"policies":[{"name":"p","key":["path"],"rate":1}]}"#).unwrap();
+        let s = settings(r#"{"tableFull":"limit","limitedResponse":{"grpcStatus":14},"policies":[{"name":"p","key":["path"],"rate":1}]}"#)
+            .unwrap();
         assert_eq!((s.table_full, s.limited.grpc_status, s.limited.status), (WhenFull::Limit, 14, 429));
     }
 
@@ -485,8 +492,14 @@ mod tests {
         let e = err(&format!(r#"{{"tableFull":"drop",{}"#, &p(r#""rate":1"#)[1..]));
         assert_eq!(e.field, "tableFull", "{e}");
         assert!(e.to_string().contains("evict"), "{e}");
-        assert_eq!(err(&format!(r#"{{"limitedResponse":{{"grpcStatus":0}},{}"#, &p(r#""rate":1"#)[1..])).field, "limitedResponse.grpcStatus");
-        assert_eq!(err(&format!(r#"{{"limitedResponse":{{"grpcStatus":17}},{}"#, &p(r#""rate":1"#)[1..])).field, "limitedResponse.grpcStatus");
+        assert_eq!(
+            err(&format!(r#"{{"limitedResponse":{{"grpcStatus":0}},{}"#, &p(r#""rate":1"#)[1..])).field,
+            "limitedResponse.grpcStatus"
+        );
+        assert_eq!(
+            err(&format!(r#"{{"limitedResponse":{{"grpcStatus":17}},{}"#, &p(r#""rate":1"#)[1..])).field,
+            "limitedResponse.grpcStatus"
+        );
     }
 
     #[test]

@@ -86,11 +86,7 @@ pub fn decode_set(bytes: &[u8]) -> Vec<Entry> {
     }
     let u64_at = |c: &[u8], i: usize| c.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0);
     rest.chunks_exact(ENTRY_LEN)
-        .map(|c| Entry {
-            fp: u64_at(c, 0),
-            state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) },
-            full_at: u64_at(c, 24),
-        })
+        .map(|c| Entry { fp: u64_at(c, 0), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, 24) })
         .collect()
 }
 
@@ -204,7 +200,14 @@ pub fn full_at(params: &BucketParams, s: &BucketState) -> u64 {
 }
 
 /// Find `fp`'s bucket in the set, or claim a slot for it, and take one request.
-pub fn decide_in_set(mut entries: Vec<Entry>, capacity: usize, fp: u64, params: &BucketParams, now_ns: u64, when_full: WhenFull) -> SetOutcome {
+pub fn decide_in_set(
+    mut entries: Vec<Entry>,
+    capacity: usize,
+    fp: u64,
+    params: &BucketParams,
+    now_ns: u64,
+    when_full: WhenFull,
+) -> SetOutcome {
     let entry = |take: &Take| Entry { fp, state: take.state, full_at: full_at(params, &take.state) };
     if let Some(e) = entries.iter_mut().find(|e| e.fp == fp) {
         let take = params.take(Some(e.state), now_ns);
