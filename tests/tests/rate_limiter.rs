@@ -588,10 +588,11 @@ fn keys_differing_only_in_bytes_that_are_not_utf8_have_their_own_buckets() {
     envoy.wait_stat("meshpatterns.rate_limiter.bytes.limited", 5);
 }
 
-/// The Python interpreter with grpcio: `$PYTHON`, else the project
-/// virtualenv's (`make test` installs grpcio there), else the one beside `$ENVOY`.
+/// The Python interpreter with grpcio: `$GRPC_PYTHON` (`make test` installs
+/// grpcio into .venv and points it there), else the project virtualenv's,
+/// else the one beside `$ENVOY`.
 fn python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("PYTHON").filter(|p| !p.is_empty()) {
+    if let Some(p) = std::env::var_os("GRPC_PYTHON").filter(|p| !p.is_empty()) {
         return p.into();
     }
     let venv = paths::repo().join(".venv/bin/python3");
