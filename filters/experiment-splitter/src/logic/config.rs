@@ -106,7 +106,8 @@ pub struct ArmConfig {
     pub target: Option<String>,
 }
 
-/// The deprecated `targeting` block.
+/// The older `targeting` block: `pathPrefixes`, and `headers` entries with
+/// no value or one value, are deprecated in favour of `match`; the rest stays.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
