@@ -95,3 +95,14 @@ http_filters:
         assert!(out.contains(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"x-u"}]}}]}"#), "{out}");
     }
 }
+
+/// What a single filter's error text becomes when the filter runs as the
+/// pipeline's only stage: field paths gain `stages[0].<stageKey>.` and the
+/// module names itself `meshpatterns`. Unchanged when testing single modules.
+pub fn in_stage(filter: &str, text: &str) -> String {
+    if !enabled() {
+        return text.to_string();
+    }
+    let Some((_, key)) = meshpatterns::PATTERNS.iter().find(|(name, _)| *name == filter) else { return text.to_string() };
+    text.replace("field `", &format!("field `stages[0].{key}.")).replace(&format!("{filter}: invalid plugin config"), "meshpatterns: invalid plugin config")
+}

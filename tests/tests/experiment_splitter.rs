@@ -369,13 +369,14 @@ fn invalid_configs_are_refused_with_the_field_named() {
     for (bad, expect) in cases {
         let b = EnvoyBuilder::new(CONFIG).endpoint_ports("CONTROL", &[1]).endpoint_ports("TREATMENT", &[2]).replace(ARMS_90_10, &bad);
         let err = b.validate().expect_err("envoy --mode validate must reject the config");
-        assert!(err.contains(expect), "validate output lacks {expect:?}:\n{err}");
+        let expect = &meshpatterns_tests::pipeline::in_stage("experiment-splitter", expect);
+        assert!(err.contains(expect.as_str()), "validate output lacks {expect:?}:\n{err}");
         let log = match b.try_start() {
             Ok(_) => panic!("Envoy started with an invalid config: {bad}"),
             Err(log) => log,
         };
         assert!(log.contains(expect), "Envoy log lacks {expect:?}:\n{log}");
-        assert!(log.contains("experiment-splitter: invalid plugin config"), "{log}");
+        assert!(log.contains(&meshpatterns_tests::pipeline::in_stage("experiment-splitter", "experiment-splitter: invalid plugin config")), "{log}");
     }
     // The override secret is never echoed into the log.
     let b = EnvoyBuilder::new(CONFIG).endpoint_ports("CONTROL", &[1]).endpoint_ports("TREATMENT", &[2]).replace(SECRET, "short-secret");

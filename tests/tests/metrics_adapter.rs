@@ -370,10 +370,11 @@ fn shipped_stats_tags_are_the_ones_the_filter_generates() {
 fn invalid_config_is_refused_naming_the_field() {
     let b = EnvoyBuilder::new(CONFIG).endpoint_ports("APP", &[1]).replace(r#""maxValues": 5"#, r#""maxValues": 0"#);
     let err = b.validate().expect_err("envoy --mode validate must reject maxValues 0");
-    assert!(
-        err.contains("metrics-adapter: invalid plugin config: field `headerLabels[0].maxValues` has value 0; allowed: 1..=1000"),
-        "{err}"
+    let want = meshpatterns_tests::pipeline::in_stage(
+        "metrics-adapter",
+        "metrics-adapter: invalid plugin config: field `headerLabels[0].maxValues` has value 0; allowed: 1..=1000",
     );
+    assert!(err.contains(&want), "{err}");
 }
 
 // ---- a real Prometheus server ----

@@ -607,7 +607,8 @@ fn invalid_config_fails_with_field_named() {
             b = b.endpoint_ports(&placeholder(s), &[1]);
         }
         let err = b.validate().expect_err("envoy --mode validate must reject the config");
-        assert!(err.contains(expect), "validate output lacks {expect:?}:\n{err}");
-        assert!(err.contains("shard-router: invalid plugin config"), "{err}");
+        let expect = &meshpatterns_tests::pipeline::in_stage("shard-router", expect);
+        assert!(err.contains(expect.as_str()), "validate output lacks {expect:?}:\n{err}");
+        assert!(err.contains(&meshpatterns_tests::pipeline::in_stage("shard-router", "shard-router: invalid plugin config")), "{err}");
     }
 }
