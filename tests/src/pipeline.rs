@@ -104,5 +104,8 @@ pub fn in_stage(filter: &str, text: &str) -> String {
         return text.to_string();
     }
     let Some((_, key)) = meshpatterns::PATTERNS.iter().find(|(name, _)| *name == filter) else { return text.to_string() };
-    text.replace("field `", &format!("field `stages[0].{key}.")).replace(&format!("{filter}: invalid plugin config"), "meshpatterns: invalid plugin config")
+    text.replace("unknown field `", "\u{0}")
+        .replace("field `", &format!("field `stages[0].{key}."))
+        .replace('\u{0}', "unknown field `")
+        .replace(&format!("{filter}: invalid plugin config"), "meshpatterns: invalid plugin config")
 }
