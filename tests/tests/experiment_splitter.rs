@@ -381,7 +381,7 @@ fn invalid_configs_are_refused_with_the_field_named() {
     // The override secret is never echoed into the log.
     let b = EnvoyBuilder::new(CONFIG).endpoint_ports("CONTROL", &[1]).endpoint_ports("TREATMENT", &[2]).replace(SECRET, "short-secret");
     let err = b.validate().expect_err("a short secret is refused");
-    assert!(err.contains("field `override.secret` has value (12 bytes, not shown)"), "{err}");
+    assert!(err.contains(&meshpatterns_tests::pipeline::in_stage("experiment-splitter", "field `override.secret` has value (12 bytes, not shown)")), "{err}");
     assert!(!err.contains("short-secret"), "{err}");
 }
 
