@@ -63,6 +63,9 @@ test: toolchain build envoy grpcio wasm-bindgen schema-deps ## run every test: l
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
 		cargo test -p meshpatterns-core --target wasm32-unknown-unknown
 	cargo test -q -p meshpatterns-tests -- --test-threads 2
+	@# Every pattern's integration tests again, through the pipeline module with that one stage.
+	MESHPATTERNS_MODULE=pipeline cargo test -q -p meshpatterns-tests \
+		$(foreach f,$(filter-out meshpatterns,$(FILTERS)),--test $(subst -,_,$(f))) -- --test-threads 2
 
 .PHONY: build
 build: toolchain apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
