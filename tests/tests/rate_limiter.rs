@@ -387,13 +387,14 @@ fn invalid_config_fails_with_field_named() {
     for (bad, expect) in cases {
         let b = builder(&bad).endpoint_ports("APP", &[1]);
         let err = b.validate().expect_err("envoy --mode validate must reject the config");
-        assert!(err.contains(expect), "validate output lacks {expect:?}:\n{err}");
+        let expect = &meshpatterns_tests::pipeline::in_stage("rate-limiter", expect);
+        assert!(err.contains(expect.as_str()), "validate output lacks {expect:?}:\n{err}");
         let log = match b.try_start() {
             Ok(_) => panic!("Envoy started with an invalid config: {bad}"),
             Err(log) => log,
         };
         assert!(log.contains(expect), "Envoy log lacks {expect:?}:\n{log}");
-        assert!(log.contains("rate-limiter: invalid plugin config"), "{log}");
+        assert!(log.contains(&meshpatterns_tests::pipeline::in_stage("rate-limiter", "rate-limiter: invalid plugin config")), "{log}");
     }
 }
 
