@@ -12,7 +12,7 @@ SHELL := /bin/bash
 
 ENVOY_VERSION ?= 1.40.0
 FILTERS       := consistent-hash metrics-adapter shard-router experiment-splitter rate-limiter
-MODULES       := noop $(FILTERS)
+MODULES       := noop anchor-sdk anchor-raw $(FILTERS)
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
 DIST          := target/meshpatterns
@@ -129,7 +129,7 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 # Debian packages as package:command pairs, installed with apt-get only when the
 # command is missing: wasm-opt for every build, node for the wasm unit tests,
 # wrk for benchmarks, and the real servers the integration tests start.
-APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk npm:npm skopeo:skopeo docker-registry:docker-registry prometheus:promtool redis-server:redis-server openssl:openssl curl:curl
+APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk npm:npm skopeo:skopeo docker-registry:docker-registry prometheus:promtool redis-server:redis-server openssl:openssl curl:curl wabt:wasm-objdump valgrind:valgrind
 
 .PHONY: apt-tools
 apt-tools:
