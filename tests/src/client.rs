@@ -1,10 +1,33 @@
 //! A small HTTP/1.1 client with one keep-alive connection, giving tests full
 //! control over the headers they send and every header they get back
 //! (including repeated ones such as `set-cookie`).
+//!
+//! Nothing is hidden: a request that fails on a fresh connection fails the
+//! test. Only an idempotent request (GET, HEAD, OPTIONS) that fails on a
+//! connection kept alive from an earlier request is sent once more on a new
+//! connection, and every such retry is counted ([`Client::retries`],
+//! [`retries_total`]) and printed. A kept-alive connection the server has
+//! already closed is noticed before a request is written to it, and counted
+//! as a reconnect ([`Client::reconnects`]), for any method.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Retries made by every [`Client`] of this test binary so far.
+pub fn retries_total() -> u64 {
+    RETRIES.load(Ordering::SeqCst)
+}
+
+/// Methods that may be sent twice (RFC 9110 9.2.2; PUT and DELETE are
+/// idempotent by contract but the tests' upstreams count them, so they are
+/// never repeated behind the test's back).
+fn retryable(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS")
+}
 
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -37,25 +60,53 @@ pub struct Client {
     port: u16,
     conn: Option<BufReader<TcpStream>>,
     pub host: String,
+    retries: u64,
+    reconnects: u64,
 }
 
 impl Client {
     pub fn new(port: u16) -> Client {
-        Client { port, conn: None, host: "localhost".into() }
+        Client { port, conn: None, host: "localhost".into(), retries: 0, reconnects: 0 }
     }
 
     pub fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Response {
         self.request("GET", path, headers, b"")
     }
 
-    /// Send a request; on a broken kept-alive connection, retry once on a new one.
+    /// Idempotent requests this client sent a second time after the first
+    /// attempt failed on a kept-alive connection.
+    pub fn retries(&self) -> u64 {
+        self.retries
+    }
+
+    /// Kept-alive connections found closed by the server before a request
+    /// was written to them (replaced by a new connection, nothing resent).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Send a request and read the response; panics on an I/O error. A GET,
+    /// HEAD or OPTIONS that fails on a kept-alive connection is retried once
+    /// on a new one (counted and printed); anything else fails at once.
     pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let reused = self.conn.is_some();
         match self.try_request(method, path, headers, body) {
             Ok(r) => r,
-            Err(_) => {
+            Err(e) if reused && retryable(method) => {
                 self.conn = None;
+                self.retries += 1;
+                let n = RETRIES.fetch_add(1, Ordering::SeqCst) + 1;
+                eprintln!(
+                    "client: {method} {path} to 127.0.0.1:{} failed on a kept-alive connection ({e}); retrying on a new one (retry {n} of this test binary)",
+                    self.port
+                );
                 self.try_request(method, path, headers, body)
-                    .unwrap_or_else(|e| panic!("{method} {path} to 127.0.0.1:{} failed: {e}", self.port))
+                    .unwrap_or_else(|e| panic!("{method} {path} to 127.0.0.1:{} failed twice; the retry: {e}", self.port))
+            }
+            Err(e) => {
+                self.conn = None;
+                let how = if reused { "on a kept-alive connection; not retried: not idempotent" } else { "on a new connection" };
+                panic!("{method} {path} to 127.0.0.1:{} failed {how}: {e}", self.port)
             }
         }
     }
@@ -71,7 +122,14 @@ impl Client {
         read_response(&mut conn, false)
     }
 
+    /// Send a request once and read the response: no retry. A kept-alive
+    /// connection the server has closed in the meantime is replaced first.
     pub fn try_request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
+        if self.conn.as_ref().is_some_and(|c| !still_open(c)) {
+            self.conn = None;
+            self.reconnects += 1;
+            eprintln!("client: 127.0.0.1:{} closed the kept-alive connection; {method} {path} goes on a new one", self.port);
+        }
         if self.conn.is_none() {
             let s = TcpStream::connect(("127.0.0.1", self.port))?;
             s.set_nodelay(true)?;
@@ -93,6 +151,21 @@ impl Client {
         }
         Ok(resp)
     }
+}
+
+/// Whether the server still holds an idle kept-alive connection open: a
+/// non-blocking peek sees end-of-file or an error once it has closed it.
+/// (Unread bytes would be a framing error; they also count as not open.)
+fn still_open(conn: &BufReader<TcpStream>) -> bool {
+    if !conn.buffer().is_empty() {
+        return false;
+    }
+    let s = conn.get_ref();
+    if s.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let open = matches!(s.peek(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).is_ok() && open
 }
 
 fn bad(msg: &str) -> std::io::Error {
