@@ -215,3 +215,79 @@ fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> std::io::Resu
     }
     Ok(Response { status, headers, body })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server that answers the first request on each connection and then
+    /// drops the connection when the second one arrives, without answering:
+    /// a kept-alive connection broken under a request.
+    fn answer_once_then_drop() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(stream);
+                    for n in 0.. {
+                        let mut line = String::new();
+                        while r.read_line(&mut line).is_ok_and(|l| l > 0) && !line.ends_with("\r\n\r\n") {}
+                        if line.is_empty() || n == 1 {
+                            return; // drop the connection
+                        }
+                        let _ = r.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn only_idempotent_requests_are_retried_and_every_retry_is_counted() {
+        let port = answer_once_then_drop();
+        let mut c = Client::new(port);
+        assert_eq!(c.get("/", &[]).status, 200);
+        // The second GET meets the broken connection: retried once, counted.
+        assert_eq!(c.get("/", &[]).status, 200);
+        assert_eq!((c.retries(), c.reconnects()), (1, 0));
+        // A POST in the same situation fails: it may have been processed.
+        let before = retries_total();
+        let post = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.request("POST", "/orders", &[], b"{}")));
+        let msg = post.expect_err("a POST on a broken kept-alive connection must fail");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("POST /orders") && msg.contains("not retried: not idempotent"), "{msg}");
+        assert_eq!((c.retries(), retries_total() - before), (1, 0));
+        // A request that fails on a fresh connection is not retried either.
+        let refused = std::panic::catch_unwind(|| Client::new(closed_port()).get("/", &[]));
+        assert!(refused.is_err());
+    }
+
+    /// A port nobody listens on (bound, then released).
+    fn closed_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_is_replaced_before_sending() {
+        // Answers one request per connection with `connection: keep-alive`
+        // semantics, then closes it while idle.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut r = BufReader::new(stream);
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|l| l > 0) && !line.ends_with("\r\n\r\n") {}
+                let _ = r.get_mut().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            }
+        });
+        let mut c = Client::new(port);
+        assert_eq!(c.request("POST", "/a", &[], b"x").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(c.request("POST", "/b", &[], b"x").status, 200, "the POST goes on a new connection, sent once");
+        assert_eq!((c.retries(), c.reconnects()), (0, 1));
+    }
+}

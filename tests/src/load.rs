@@ -155,3 +155,23 @@ impl Drop for Load {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Upstream;
+
+    #[test]
+    fn a_panic_in_the_load_thread_fails_the_test_with_its_message() {
+        let up = Upstream::start("replica-0");
+        let load = Load::start(up.port, "/", |r| {
+            assert_eq!(r.replica(), "replica-9", "classifier met an unexpected replica");
+            String::new()
+        });
+        let err = std::panic::catch_unwind(AssertUnwindSafe(|| load.wait_requests(100, Duration::from_secs(10)))).unwrap_err();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.starts_with("the load thread panicked: ") && msg.contains("classifier met an unexpected replica"), "{msg}");
+        let err = std::panic::catch_unwind(AssertUnwindSafe(|| load.stop())).unwrap_err();
+        assert!(err.downcast_ref::<String>().is_some_and(|m| m.contains("unexpected replica")));
+    }
+}
