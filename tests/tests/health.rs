@@ -177,3 +177,17 @@ fn redis_checker_follows_a_real_redis_server() {
     assert!(network >= 1, "the stopped server");
     assert!(failed >= 2, "the stopped server and the maintenance key");
 }
+
+#[test]
+fn a_silent_peer_is_a_timeout_not_a_refusal() {
+    // Accepted (by the kernel's backlog) but never answered: the probe must
+    // not report that as Envoy refusing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = std::panic::catch_unwind(|| ping_via_envoy(port)).expect_err("a silent peer must not read as refused");
+    let msg = silent.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("no reply and no close within 5 s"), "{msg}");
+    // A closed port is a refusal.
+    drop(listener);
+    assert_eq!(ping_via_envoy(port), None);
+}
