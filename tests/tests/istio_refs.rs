@@ -842,7 +842,10 @@ fn istio_resolves_names_the_way_the_checks_assume() {
 /// (`edit` returns false when the document is not the one to change).
 fn mutated(file: &str, kind: &str, edit: impl Fn(&mut Value) -> bool) -> Vec<Doc> {
     let mut docs = load_istio();
-    let changed = docs.iter_mut().filter(|d| d.file == file && d.kind() == kind).fold(false, |acc, d| edit(&mut d.v) || acc);
+    let mut changed = false;
+    for d in docs.iter_mut().filter(|d| d.file == file && d.kind() == kind) {
+        changed |= edit(&mut d.v);
+    }
     assert!(changed, "nothing to change in istio/{file} {kind}");
     docs
 }
