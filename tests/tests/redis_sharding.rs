@@ -197,7 +197,7 @@ fn a_stopped_shard_is_marked_unhealthy_and_the_others_keep_serving() {
         &failed[..failed.len().min(5)]
     );
     let wrong: Vec<&(usize, String)> = failed.iter().filter(|(i, _)| !on_dead.contains(i)).collect();
-    assert!(wrong.is_empty(), "SETs of keys on the healthy shards failed: {wrong:?}");
+    assert!(wrong.is_empty(), "{} SETs of keys on the healthy shards failed: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
     let mut c = Resp::connect(port);
     for i in 0..300 {
         assert_eq!(c.get(&format!("k{i}")).as_deref(), Some("after"), "k{i}");
