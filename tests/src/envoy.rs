@@ -244,26 +244,47 @@ impl Envoy {
             .collect()
     }
 
-    /// One counter or gauge; 0 when absent. Metrics a wasm filter defines
-    /// are listed under `wasmcustom.` in `/stats`; either name finds them.
-    pub fn stat(&self, name: &str) -> u64 {
+    /// One counter or gauge, or None when Envoy lists no stat of that name.
+    /// Metrics a wasm filter defines are listed under `wasmcustom.` in
+    /// `/stats`; either name finds them.
+    pub fn try_stat(&self, name: &str) -> Option<u64> {
         let stats = self.stats();
-        stats.get(name).or_else(|| stats.get(&format!("wasmcustom.{name}"))).copied().unwrap_or(0)
+        stats.get(name).or_else(|| stats.get(&format!("wasmcustom.{name}"))).copied()
     }
 
-    /// Wait until stat `name` reaches exactly `value` (filters flush batched
-    /// counters periodically), panicking with the last value seen.
+    /// One counter or gauge; panics naming the stat when it does not exist,
+    /// so that a misspelt name (or a metric a filter stopped defining) fails
+    /// the test instead of reading as 0.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.try_stat(name).unwrap_or_else(|| panic!("Envoy has no stat named {name:?} (nor wasmcustom.{name}) in /stats"))
+    }
+
+    /// One counter or gauge, 0 when absent. Only for stats that legitimately
+    /// come into existence on first use (a filter's per-shard or per-arm
+    /// counters, defined when first incremented); use [`Envoy::stat`] for
+    /// everything Envoy or a filter defines up front.
+    pub fn stat_or_zero(&self, name: &str) -> u64 {
+        self.try_stat(name).unwrap_or(0)
+    }
+
+    /// Wait until stat `name` exists and reaches exactly `value` (filters
+    /// flush batched counters periodically), panicking with the last value
+    /// seen, or saying the stat never appeared.
     pub fn wait_stat(&self, name: &str, value: u64) {
-        let mut last = 0;
+        let mut last = None;
         let ok = (0..200).any(|_| {
-            last = self.stat(name);
-            if last == value {
+            last = self.try_stat(name);
+            if last == Some(value) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(50));
             false
         });
-        assert!(ok, "stat {name} is {last}, expected {value}");
+        match last {
+            _ if ok => {}
+            Some(last) => panic!("stat {name} is {last}, expected {value}"),
+            None => panic!("stat {name} never appeared in /stats (expected {value})"),
+        }
     }
 
     /// Health of each host in `cluster`: `(address, healthy)` from `/clusters`.
@@ -304,6 +325,29 @@ impl Envoy {
     /// The process id (for RSS and CPU readings).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The Envoy process as the kernel sees it: pid and start time (clock
+    /// ticks after boot, field 22 of `/proc/<pid>/stat`). Panics if it has
+    /// exited, even if not yet reaped (a zombie).
+    pub fn process(&self) -> (u32, u64) {
+        let pid = self.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("Envoy (pid {pid}) is gone: {e}"));
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        // After the command name: state is field 3, starttime field 22.
+        let state = fields.first().copied().unwrap_or("?");
+        assert!(state != "Z" && state != "X", "Envoy (pid {pid}) has exited (state {state})");
+        let start = fields.get(19).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("no start time in /proc/{pid}/stat: {stat}"));
+        (pid, start)
+    }
+
+    /// How long the Envoy answering the admin port has been serving
+    /// (`/server_info`: `uptime_current_epoch`, in whole seconds).
+    pub fn uptime(&self) -> Duration {
+        let v: serde_json::Value = serde_json::from_str(&self.admin("/server_info")).expect("server_info JSON");
+        let text = v["uptime_current_epoch"].as_str().unwrap_or_else(|| panic!("/server_info has no uptime_current_epoch: {v}"));
+        let secs: f64 = text.trim_end_matches('s').parse().unwrap_or_else(|_| panic!("/server_info uptime_current_epoch = {text:?}"));
+        Duration::from_secs_f64(secs)
     }
 
     pub fn stop(&mut self) {

@@ -549,3 +549,33 @@ fn istio_virtual_service_matches_the_arm_header() {
     let control = e.arms[e.control].target.as_str();
     assert!(targets.iter().all(|t| *t == control || matched.contains(t)), "every treatment target is matched: {matched:?}");
 }
+
+#[test]
+fn without_the_filter_envoy_answers_503_nc_and_reaches_no_arm() {
+    // The shipped config with the filter taken out: what happens when the
+    // module cannot be loaded (README, failure behaviour).
+    let (control, treatment) = upstreams();
+    let mut doc: serde_norway::Value = serde_norway::from_str(&builder(&control, &treatment).render()).unwrap();
+    let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .expect("http_filters");
+    let before = filters.len();
+    filters.retain(|f| f["name"] != "meshpatterns.experiment_splitter");
+    assert_eq!(filters.len(), before - 1, "the shipped config has the filter");
+    let envoy = EnvoyBuilder::from_template("experiment-splitter.yaml without the filter", &serde_norway::to_string(&doc).unwrap()).start();
+    let mut c = Client::new(envoy.port("ingress"));
+    for user in ["alice", "bob", "qa-treatment-user"] {
+        for path in ["/checkout", "/"] {
+            let r = c.get(path, &[("x-user-id", user)]);
+            assert_eq!((r.status, r.replica()), (503, ""), "{user} {path}: {}", r.text());
+        }
+    }
+    assert_eq!((control.hits(), treatment.hits()), (0, 0), "no arm was reached");
+    let lines = wait_for("6 access-log lines", Duration::from_secs(10), || {
+        let l = meshpatterns_tests::access_log::lines(&envoy.stdout());
+        (l.len() >= 6).then_some(l)
+    });
+    for l in &lines {
+        assert_eq!((l["http.response.status_code"].as_u64(), l["envoy.response_flags"].as_str()), (Some(503), Some("NC")), "{l}");
+    }
+}

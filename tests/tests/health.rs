@@ -86,8 +86,7 @@ fn deep_check_judges_status_and_body_of_a_representative_request() {
     // configured header (counted as app hits since /healthz/deep is not the
     // shallow /healthz).
     assert!(up.hits() > before + 3);
-    let stats = envoy.stats();
-    let (ok, fail) = (stats["cluster.app.health_check.success"], stats["cluster.app.health_check.failure"]);
+    let (ok, fail) = (envoy.stat("cluster.app.health_check.success"), envoy.stat("cluster.app.health_check.failure"));
     eprintln!("deep check: {ok} passed, {fail} failed; app served {} requests including the checks", up.hits());
     assert!(fail >= 2, "one degraded-body failure and one 500 at least: {fail}");
 }
@@ -112,14 +111,30 @@ fn deep_check_sends_the_configured_request() {
     }
 }
 
-/// PING through Envoy's `redis` TCP listener: Some(reply) or None when Envoy refused.
+/// PING through Envoy's `redis` TCP listener: Some(reply), or None when
+/// Envoy refused: the connection was refused, or closed or reset without a
+/// reply. A reply that does not come within 5 s is neither: it panics.
 fn ping_via_envoy(port: u16) -> Option<String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    (&s).write_all(b"*1\r\n$4\r\nPING\r\n").ok()?;
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, TimedOut, WouldBlock};
+    let refused = |e: std::io::Error| match e.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted | std::io::ErrorKind::BrokenPipe => None,
+        WouldBlock | TimedOut => panic!("PING through Envoy: no reply and no close within 5 s ({e})"),
+        _ => panic!("PING through Envoy: {e}"),
+    };
+    let s = match TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("set a read timeout");
+    if let Err(e) = (&s).write_all(b"*1\r\n$4\r\nPING\r\n") {
+        return refused(e);
+    }
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).ok()?;
-    (!line.is_empty()).then(|| line.trim_end().to_string())
+    match BufReader::new(&s).read_line(&mut line) {
+        Ok(0) => None,
+        Ok(_) => Some(line.trim_end().to_string()),
+        Err(e) => refused(e),
+    }
 }
 
 #[test]
@@ -156,13 +171,23 @@ fn redis_checker_follows_a_real_redis_server() {
     wait_health(&envoy, "redis", true);
     wait_for("PING through Envoy", Duration::from_secs(10), || (ping_via_envoy(via).as_deref() == Some("+PONG")).then_some(()));
 
-    let stats = envoy.stats();
-    eprintln!(
-        "redis checker: {} passed, {} failed, {} network failures",
-        stats["cluster.redis.health_check.success"],
-        stats["cluster.redis.health_check.failure"],
-        stats["cluster.redis.health_check.network_failure"]
-    );
-    assert!(stats["cluster.redis.health_check.network_failure"] >= 1, "the stopped server");
-    assert!(stats["cluster.redis.health_check.failure"] >= 2, "the stopped server and the maintenance key");
+    let stat = |k: &str| envoy.stat(&format!("cluster.redis.health_check.{k}"));
+    let (passed, failed, network) = (stat("success"), stat("failure"), stat("network_failure"));
+    eprintln!("redis checker: {passed} passed, {failed} failed, {network} network failures");
+    assert!(network >= 1, "the stopped server");
+    assert!(failed >= 2, "the stopped server and the maintenance key");
+}
+
+#[test]
+fn a_silent_peer_is_a_timeout_not_a_refusal() {
+    // Accepted (by the kernel's backlog) but never answered: the probe must
+    // not report that as Envoy refusing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = std::panic::catch_unwind(|| ping_via_envoy(port)).expect_err("a silent peer must not read as refused");
+    let msg = silent.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("no reply and no close within 5 s"), "{msg}");
+    // A closed port is a refusal.
+    drop(listener);
+    assert_eq!(ping_via_envoy(port), None);
 }

@@ -151,6 +151,9 @@ fn a_stopped_shard_is_marked_unhealthy_and_the_others_keep_serving() {
     for i in 0..300 {
         c.set(&format!("k{i}"), "before");
     }
+    // The keys the shard about to stop holds, asked of it directly.
+    let on_dead: Vec<usize> = (0..300).filter(|i| shards[1].command(&["EXISTS", &format!("k{i}")]).unwrap() == ":1").collect();
+    assert!(!on_dead.is_empty(), "shard 1 holds some of the 300 keys");
     let dead = shards[1].addr();
     shards[1].stop();
     envoy.wait_healthy(CLUSTER, 2);
@@ -161,14 +164,40 @@ fn a_stopped_shard_is_marked_unhealthy_and_the_others_keep_serving() {
     assert!(envoy.stat(&format!("cluster.{CLUSTER}.health_check.failure")) > 0);
 
     // Every key, including the dead shard's, can be written and read again:
-    // the ring sends the dead shard's keys to the next healthy shard. Poll
-    // first until the workers have the new host set (a command to the dead
-    // shard fails until they do).
+    // the ring sends the dead shard's keys to the next healthy shard. Write
+    // all 300 in rounds until a round has no failure (a command to the dead
+    // shard fails until every worker has the new host set), counting every
+    // failed SET: only keys the dead shard held may fail.
     let port = envoy.port("redis");
-    wait_for("every worker to route around the dead shard", Duration::from_secs(20), || {
-        let mut c = Resp::connect(port);
-        (0..300).all(|i| matches!(c.try_command(&["SET", &format!("k{i}"), "after"]), Ok(Reply::Simple(_)))).then_some(())
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let rounds = wait_for("a round of 300 SETs with no failure", Duration::from_secs(20), {
+        let mut rounds = 0;
+        let failed = &mut failed;
+        move || {
+            rounds += 1;
+            let mut c = Resp::connect(port);
+            let before = failed.len();
+            for i in 0..300 {
+                match c.try_command(&["SET", &format!("k{i}"), "after"]) {
+                    Ok(Reply::Simple(_)) => {}
+                    Ok(other) => failed.push((i, format!("{other:?}"))),
+                    Err(e) => {
+                        failed.push((i, e.to_string()));
+                        c = Resp::connect(port);
+                    }
+                }
+            }
+            (failed.len() == before).then_some(rounds)
+        }
     });
+    eprintln!(
+        "after the stop: {} failed SETs in {rounds} rounds of 300 (shard 1 held {} of the keys): {:?}",
+        failed.len(),
+        on_dead.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let wrong: Vec<&(usize, String)> = failed.iter().filter(|(i, _)| !on_dead.contains(i)).collect();
+    assert!(wrong.is_empty(), "{} SETs of keys on the healthy shards failed: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
     let mut c = Resp::connect(port);
     for i in 0..300 {
         assert_eq!(c.get(&format!("k{i}")).as_deref(), Some("after"), "k{i}");

@@ -17,6 +17,14 @@ const CONFIG: &str = "replicated.yaml";
 /// counts at once; the unhealthy threshold applies to timeouts).
 const HC_INTERVAL: Duration = Duration::from_secs(1);
 const HC_THRESHOLD: u32 = 2;
+/// Slack on every timing bound: the main thread's timers and our polling of
+/// `/clusters` (every 50 ms) run late on a loaded 2-core machine.
+const MARGIN: Duration = Duration::from_secs(1);
+/// Requests that may still reach a replica after `/clusters` shows it out of
+/// rotation: the main thread posts the new host set to each worker, which
+/// applies it on its next event-loop pass, so only requests already being
+/// handled by then can slip through (a count of events, not of time).
+const MAX_LEAKS: u64 = 10;
 
 /// A replica whose readiness (`/healthz`) and real answers can both be
 /// switched off: an unready replica also answers 503 to normal requests, as a
@@ -54,13 +62,18 @@ fn healthy(envoy: &Envoy, r: &Replica) -> bool {
     envoy.hosts("replicas").iter().any(|(addr, h)| *addr == r.up.addr() && *h)
 }
 
-/// Wait until `up` receives no request during 50 requests of `load`.
-fn quiesce(load: &Load, up: &Upstream) {
+/// Wait until `up` receives no request during 50 requests of `load`; the
+/// leaks: how many requests reached it after `hits_when_out` (its count when
+/// `/clusters` first showed it out of rotation), and how many of the
+/// client's requests failed meanwhile.
+fn quiesce(load: &Load, up: &Upstream, hits_when_out: u64) -> (u64, usize) {
+    let failures_before = load.snapshot().failures.len();
     wait_for(&format!("no more traffic to {}", up.name()), Duration::from_secs(20), || {
         let before = up.hits();
         load.wait_requests(50, Duration::from_secs(60));
         (up.hits() == before).then_some(())
     });
+    (up.hits() - hits_when_out, load.snapshot().failures.len() - failures_before)
 }
 
 /// The `health_flags` of one host in `/clusters`, e.g. `/failed_active_hc/failed_outlier_check`.
@@ -95,6 +108,7 @@ fn unready_replica_leaves_rotation_without_failing_a_request_and_rejoins() {
         (envoy.stat("cluster.replicas.outlier_detection.ejections_enforced_total") >= 1).then_some(())
     });
     let left_after = t0.elapsed();
+    let hits_when_ejected = leaving.up.hits();
     leaving.up.set_healthy(false);
     // Active detection: the readiness checks fail too, which keeps it out
     // after the ejection time until it is ready again.
@@ -104,7 +118,7 @@ fn unready_replica_leaves_rotation_without_failing_a_request_and_rejoins() {
     assert!(!healthy(&envoy, leaving));
     // The workers' load balancers follow the main thread within moments;
     // from then on no client request reaches the replica.
-    quiesce(&load, &leaving.up);
+    let (leaks, leak_failures) = quiesce(&load, &leaving.up, hits_when_ejected);
     let hits_out = leaving.up.hits();
     let answered_out = load.count(leaving.up.name());
     load.wait_requests(300, Duration::from_secs(60));
@@ -116,15 +130,19 @@ fn unready_replica_leaves_rotation_without_failing_a_request_and_rejoins() {
     leaving.set_ready(true);
     wait_for("replica-1 back in rotation", bound, || healthy(&envoy, leaving).then_some(()));
     let back_after = t1.elapsed();
+    // Ejected by its third 503 (outlier detection acts per response, not per
+    // interval); back after two passing readiness checks.
+    assert!(left_after <= HC_INTERVAL + MARGIN, "ejected {left_after:?} after it started failing");
+    assert!(back_after <= HC_INTERVAL * HC_THRESHOLD + MARGIN, "back in rotation {back_after:?} after it was ready");
     wait_for("client traffic on replica-1 again", Duration::from_secs(20), || (load.count(leaving.up.name()) > answered_out).then_some(()));
     load.wait_requests(100, Duration::from_secs(60));
     let report = load.stop();
 
-    let stats = envoy.stats();
-    let stat = |k: &str| stats.get(k).copied().unwrap_or(0);
+    let stat = |k: &str| envoy.stat(k);
     eprintln!(
         "{} requests, {} failed, by replica {:?}; replica-1 out of rotation {:?} after turning unready, back {:?} after turning ready \
-         (health check every {HC_INTERVAL:?}, thresholds {HC_THRESHOLD}); 503s from it: {}, successful retries: {}; \
+         (health check every {HC_INTERVAL:?}, thresholds {HC_THRESHOLD}); {leaks} requests reached it after its ejection \
+         ({leak_failures} client requests failed meanwhile); 503s from it: {}, successful retries: {}; \
          outlier ejections: {}; health check failures: {}",
         report.total_ok() + report.failures.len() as u64,
         report.failures.len(),
@@ -136,6 +154,8 @@ fn unready_replica_leaves_rotation_without_failing_a_request_and_rejoins() {
         stat("cluster.replicas.outlier_detection.ejections_enforced_total"),
         stat("cluster.replicas.health_check.failure"),
     );
+    assert!(leaks <= MAX_LEAKS, "{leaks} requests reached replica-1 after /clusters showed it ejected");
+    assert_eq!(leak_failures, 0, "client requests failed while replica-1 was leaving");
     assert!(
         report.failures.is_empty(),
         "{} client requests failed: {:?}",
@@ -181,9 +201,11 @@ fn failing_readiness_alone_takes_a_replica_out_of_rotation() {
     load.wait_requests(100, Duration::from_secs(60));
     let t0 = Instant::now();
     ups[0].set_healthy(false);
-    envoy.wait_healthy("replicas", 2);
+    wait_for("replica-0 out of rotation", HC_INTERVAL * HC_THRESHOLD + Duration::from_secs(15), || {
+        envoy.hosts("replicas").iter().any(|(a, h)| *a == ups[0].addr() && !h).then_some(())
+    });
     let left_after = t0.elapsed();
-    quiesce(&load, &ups[0]);
+    let (leaks, leak_failures) = quiesce(&load, &ups[0], ups[0].hits());
     let served = ups[0].hits();
     load.wait_requests(200, Duration::from_secs(60));
     assert_eq!(ups[0].hits(), served, "traffic reached a replica that is not ready");
@@ -191,14 +213,19 @@ fn failing_readiness_alone_takes_a_replica_out_of_rotation() {
     ups[0].set_healthy(true);
     envoy.wait_healthy("replicas", 3);
     let back_after = t1.elapsed();
+    // A 503 from /healthz counts at once: out at the next check.
+    assert!(left_after <= HC_INTERVAL + MARGIN, "out of rotation {left_after:?} after /healthz turned 503");
+    assert!(back_after <= HC_INTERVAL * HC_THRESHOLD + MARGIN, "back in rotation {back_after:?} after /healthz turned 200");
     wait_for("traffic on replica-0 again", Duration::from_secs(20), || (ups[0].hits() > served).then_some(()));
     let report = load.stop();
     eprintln!(
         "readiness only: out of rotation {left_after:?} after /healthz turned 503, back {back_after:?} after it turned 200 \
-         (health check every {HC_INTERVAL:?}: a 503 counts at once, {HC_THRESHOLD} passes to return); {:?}, {} failed",
+         (health check every {HC_INTERVAL:?}: a 503 counts at once, {HC_THRESHOLD} passes to return); \
+         {leaks} requests reached it after /clusters showed it out ({leak_failures} failed meanwhile); {:?}, {} failed",
         report.ok,
         report.failures.len()
     );
+    assert!(leaks <= MAX_LEAKS, "{leaks} requests reached replica-0 after /clusters showed it out of rotation");
     assert!(report.failures.is_empty(), "{:?}", &report.failures[..report.failures.len().min(10)]);
     assert_eq!(envoy.stat("cluster.replicas.outlier_detection.ejections_enforced_total"), 0, "no 5xx, no ejection");
 }
