@@ -369,7 +369,12 @@ fn shipped_stats_tags_are_the_ones_the_filter_generates() {
         .as_str()
         .unwrap()
         .to_string();
-    let c: metrics_adapter::logic::Config = meshpatterns_core::error::parse_json(json.as_bytes()).unwrap();
+    // Through the pipeline module the filter's config is its only stage.
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    if meshpatterns_tests::pipeline::enabled() {
+        v = v["stages"][0]["metrics"].take();
+    }
+    let c: metrics_adapter::logic::Config = meshpatterns_core::error::parse_json(v.to_string().as_bytes()).unwrap();
     let s = metrics_adapter::logic::Settings::try_from_config(c).unwrap();
     let generated: Vec<(String, String)> = metrics_adapter::logic::stats_tags(&s).into_iter().map(|t| (t.tag_name, t.regex)).collect();
     assert_eq!(shipped, generated, "envoy/{CONFIG}: stats_tags differ from metrics_adapter::logic::stats_tags");

@@ -652,7 +652,14 @@ mod tests {
         assert_eq!(r("GET", b"/metrics"), Some(Route { index: 0, path: b"/stats".to_vec(), head: false }));
         assert_eq!(r("HEAD", b"/metrics?debug=1&x=\xff"), Some(Route { index: 0, path: b"/stats?debug=1&x=\xff".to_vec(), head: true }));
         assert_eq!(r("GET", b"/metrics/info?"), Some(Route { index: 1, path: b"/info?".to_vec(), head: false }));
-        for (m, p) in [("POST", &b"/metrics"[..]), ("get", b"/metrics"), ("GET", b"/metrics/"), ("GET", b"/Metrics"), ("GET", b"/stats"), ("GET", b"")] {
+        for (m, p) in [
+            ("POST", &b"/metrics"[..]),
+            ("get", b"/metrics"),
+            ("GET", b"/metrics/"),
+            ("GET", b"/Metrics"),
+            ("GET", b"/stats"),
+            ("GET", b""),
+        ] {
             assert_eq!(r(m, p), None, "{m} {p:?}");
         }
         assert_eq!(route(&specs, None, Some(b"/metrics")), None);

@@ -333,11 +333,8 @@ impl RequestLabels {
     /// their bad bytes replaced before sanitising.
     pub fn of(s: &Settings, req: &dyn RequestView) -> RequestLabels {
         let method = method_label(req.method().as_deref());
-        let headers = s
-            .header_labels
-            .iter()
-            .map(|h| req.header(&h.header).map(|v| sanitize_value(&v)).unwrap_or_else(|| NONE.into()))
-            .collect();
+        let headers =
+            s.header_labels.iter().map(|h| req.header(&h.header).map(|v| sanitize_value(&v)).unwrap_or_else(|| NONE.into())).collect();
         RequestLabels { method, headers }
     }
 
