@@ -159,7 +159,10 @@ pub fn pipeline() -> Result<Section, String> {
     ));
     lines.push(format!("  curl -s -H 'x-user-id: alice' http://127.0.0.1:{port}/checkout/cart | grep -o '\"x-[a-z-]*\":\"[^\"]*'   # what the upstream received"));
     lines.push(format!("  for i in $(seq 15); do curl -s -o /dev/null -w '%{{http_code}} ' -H 'x-user-id: bob' http://127.0.0.1:{port}/checkout/cart; done; echo"));
-    lines.push(format!("  curl -s http://127.0.0.1:{}/stats/prometheus | grep -E 'meshpatterns_http_requests_total|rate_limiter'", envoy.admin_port));
+    lines.push(format!(
+        "  curl -s http://127.0.0.1:{}/stats/prometheus | grep -E 'meshpatterns_http_requests_total|rate_limiter'",
+        envoy.admin_port
+    ));
     lines.push("  (each request's access-log line, printed by this demo's Envoy, carries every stage's decision)".into());
     let mut ups = control;
     ups.extend(treatment);

@@ -94,11 +94,37 @@ pub fn parse_config(filter: &str, json: &[u8]) -> Option<Result<(), ConfigError>
     meshpatterns::parse_module(filter, json)
 }
 
+/// The `match` block's schema, stored as `$defs/match` (its `not` refers
+/// to itself) with its own definitions beside it.
+fn match_schema(defs: &mut serde_json::Map<String, serde_json::Value>) {
+    let mut m = serde_json::to_value(schemars::schema_for!(meshpatterns_core::scope::MatchConfig)).unwrap_or_default();
+    hoist_defs(&mut m, "match", defs);
+    root_ref_to(&mut m, "#/$defs/match");
+    if let Some(o) = m.as_object_mut() {
+        o.remove("$schema");
+        o.remove("title");
+    }
+    defs.insert("match".into(), m);
+}
+
+/// `{"$ref": "#"}` (the schema itself) -> `{"$ref": target}`.
+fn root_ref_to(v: &mut serde_json::Value, target: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("$ref").and_then(|r| r.as_str()) == Some("#") {
+                m.insert("$ref".into(), target.into());
+            }
+            m.values_mut().for_each(|c| root_ref_to(c, target));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|c| root_ref_to(c, target)),
+        _ => {}
+    }
+}
+
 /// The schema of the stage-level keys every filter accepts (`match`, `filterState`).
 fn scope_properties() -> serde_json::Value {
-    let m = serde_json::to_value(schemars::schema_for!(meshpatterns_core::scope::MatchConfig)).unwrap_or_default();
     serde_json::json!({
-        "match": m,
+        "match": {"$ref": "#/$defs/match", "description": "Which requests this filter acts on; others pass through untouched (counted in meshpatterns.<filter>.skipped)."},
         "filterState": {"type": "boolean", "default": true, "description": "Record the decisions as filter state for access logs (one hostcall per value; false skips it)."}
     })
 }
@@ -106,12 +132,10 @@ fn scope_properties() -> serde_json::Value {
 /// Move a schema's `$defs` into `defs`, renaming them `<prefix>.<name>` and
 /// rewriting its `$ref`s to match.
 fn hoist_defs(v: &mut serde_json::Value, prefix: &str, defs: &mut serde_json::Map<String, serde_json::Value>) {
-    if let Some(own) = v.as_object_mut().and_then(|m| m.remove("$defs")) {
-        if let serde_json::Value::Object(own) = own {
-            for (k, mut d) in own {
-                rewrite_refs(&mut d, prefix);
-                defs.insert(format!("{prefix}.{k}"), d);
-            }
+    if let Some(serde_json::Value::Object(own)) = v.as_object_mut().and_then(|m| m.remove("$defs")) {
+        for (k, mut d) in own {
+            rewrite_refs(&mut d, prefix);
+            defs.insert(format!("{prefix}.{k}"), d);
         }
     }
     rewrite_refs(v, prefix);
@@ -138,8 +162,8 @@ fn rewrite_refs(v: &mut serde_json::Value, prefix: &str) {
 fn pattern_schema_with_scope(filter: &str) -> Option<serde_json::Value> {
     let mut v = serde_json::to_value(meshpatterns::pattern_schema(filter)?).ok()?;
     let mut defs = serde_json::Map::new();
-    let mut scope = scope_properties();
-    hoist_defs(&mut scope["match"], "match", &mut defs);
+    let scope = scope_properties();
+    match_schema(&mut defs);
     if let Some(m) = v.as_object_mut() {
         if let Some(serde_json::Value::Object(own)) = m.remove("$defs") {
             defs.extend(own);

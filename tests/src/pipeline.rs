@@ -30,7 +30,8 @@ fn rewrite(v: &mut serde_norway::Value, n: &mut usize) {
     use serde_norway::Value;
     match v {
         Value::Mapping(m) => {
-            let is_vm = m.get("code").and_then(|c| c.get("local")).and_then(|l| l.get("filename")).and_then(|f| f.as_str()).and_then(stage_of);
+            let is_vm =
+                m.get("code").and_then(|c| c.get("local")).and_then(|l| l.get("filename")).and_then(|f| f.as_str()).and_then(stage_of);
             if let Some(_key) = is_vm {
                 if let Some(Value::Mapping(local)) = m.get_mut("code").and_then(|c| c.get_mut("local")) {
                     if let Some(Value::String(f)) = local.get_mut("filename") {
@@ -75,6 +76,20 @@ fn rewrite(v: &mut serde_norway::Value, n: &mut usize) {
     }
 }
 
+/// What a single filter's error text becomes when the filter runs as the
+/// pipeline's only stage: field paths gain `stages[0].<stageKey>.` and the
+/// module names itself `meshpatterns`. Unchanged when testing single modules.
+pub fn in_stage(filter: &str, text: &str) -> String {
+    if !enabled() {
+        return text.to_string();
+    }
+    let Some((_, key)) = meshpatterns::PATTERNS.iter().find(|(name, _)| *name == filter) else { return text.to_string() };
+    text.replace("unknown field `", "\u{0}")
+        .replace("field `", &format!("field `stages[0].{key}."))
+        .replace('\u{0}', "unknown field `")
+        .replace(&format!("{filter}: invalid plugin config"), "meshpatterns: invalid plugin config")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -94,18 +109,4 @@ http_filters:
         assert!(out.contains("/w/meshpatterns.wasm"), "{out}");
         assert!(out.contains(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"x-u"}]}}]}"#), "{out}");
     }
-}
-
-/// What a single filter's error text becomes when the filter runs as the
-/// pipeline's only stage: field paths gain `stages[0].<stageKey>.` and the
-/// module names itself `meshpatterns`. Unchanged when testing single modules.
-pub fn in_stage(filter: &str, text: &str) -> String {
-    if !enabled() {
-        return text.to_string();
-    }
-    let Some((_, key)) = meshpatterns::PATTERNS.iter().find(|(name, _)| *name == filter) else { return text.to_string() };
-    text.replace("unknown field `", "\u{0}")
-        .replace("field `", &format!("field `stages[0].{key}."))
-        .replace('\u{0}', "unknown field `")
-        .replace(&format!("{filter}: invalid plugin config"), "meshpatterns: invalid plugin config")
 }

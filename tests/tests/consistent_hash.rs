@@ -201,7 +201,10 @@ fn invalid_config_fails_with_field_named() {
             Err(log) => log,
         };
         assert!(log.contains(expect), "Envoy log lacks {expect:?}:\n{log}");
-        assert!(log.contains(&meshpatterns_tests::pipeline::in_stage("consistent-hash", "consistent-hash: invalid plugin config")), "{log}");
+        assert!(
+            log.contains(&meshpatterns_tests::pipeline::in_stage("consistent-hash", "consistent-hash: invalid plugin config")),
+            "{log}"
+        );
     }
 }
 

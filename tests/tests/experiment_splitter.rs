@@ -376,12 +376,21 @@ fn invalid_configs_are_refused_with_the_field_named() {
             Err(log) => log,
         };
         assert!(log.contains(expect), "Envoy log lacks {expect:?}:\n{log}");
-        assert!(log.contains(&meshpatterns_tests::pipeline::in_stage("experiment-splitter", "experiment-splitter: invalid plugin config")), "{log}");
+        assert!(
+            log.contains(&meshpatterns_tests::pipeline::in_stage("experiment-splitter", "experiment-splitter: invalid plugin config")),
+            "{log}"
+        );
     }
     // The override secret is never echoed into the log.
     let b = EnvoyBuilder::new(CONFIG).endpoint_ports("CONTROL", &[1]).endpoint_ports("TREATMENT", &[2]).replace(SECRET, "short-secret");
     let err = b.validate().expect_err("a short secret is refused");
-    assert!(err.contains(&meshpatterns_tests::pipeline::in_stage("experiment-splitter", "field `override.secret` has value (12 bytes, not shown)")), "{err}");
+    assert!(
+        err.contains(&meshpatterns_tests::pipeline::in_stage(
+            "experiment-splitter",
+            "field `override.secret` has value (12 bytes, not shown)"
+        )),
+        "{err}"
+    );
     assert!(!err.contains("short-secret"), "{err}");
 }
 
@@ -490,7 +499,8 @@ fn match_block_scopes_the_experiment_and_old_targeting_warns() {
         )
         .start();
     let mut c = Client::new(envoy.port("ingress"));
-    let cases: [(&str, &str, &str, &[(&str, &str)], &str); 8] = [
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 8] = [
         ("GET", "shop.example.com", "/checkout/pay", &[], "treatment"),
         ("GET", "eu.shop.example.com:8080", "/checkout", &[], "treatment"),
         ("GET", "shop.example.com", "/checkout/./pay", &[], "treatment"),

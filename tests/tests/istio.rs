@@ -27,30 +27,29 @@ fn plugin_json(doc: &Value) -> Vec<u8> {
     serde_json::to_vec(&serde_json::to_value(cfg).unwrap()).unwrap()
 }
 
-/// Parse a pluginConfig with the config code of the filter it is for.
+/// Parse a pluginConfig with the config code of the filter it is for,
+/// exactly as the module's `on_configure` does (`match` and `filterState`
+/// included), and return what the pairing checks need.
 fn parse_plugin(filter: &str, json: &[u8]) -> Result<String, String> {
-    use meshpatterns_core::error::parse_json;
+    use meshpatterns_host::stage::parse_single;
+    let e = |e: meshpatterns_core::ConfigError| e.to_string();
     match filter {
-        "consistent-hash" => parse_json::<consistent_hash::logic::Config>(json)
-            .and_then(consistent_hash::logic::Settings::try_from_config)
-            .map(|s| s.hash_header)
-            .map_err(|e| e.to_string()),
-        "experiment-splitter" => parse_json::<experiment_splitter::logic::Config>(json)
-            .and_then(experiment_splitter::logic::Settings::try_from_config)
-            .map(|s| s.experiments.iter().map(|e| e.routing_header.clone()).collect::<Vec<_>>().join(","))
-            .map_err(|e| e.to_string()),
-        "metrics-adapter" => parse_json::<metrics_adapter::logic::Config>(json)
-            .and_then(metrics_adapter::logic::Settings::try_from_config)
-            .map(|s| s.labels().into_iter().map(|l| l.name).collect::<Vec<_>>().join(","))
-            .map_err(|e| e.to_string()),
-        "shard-router" => parse_json::<shard_router::logic::Config>(json)
-            .and_then(shard_router::logic::Settings::try_from_config)
-            .map(|s| s.shard_header)
-            .map_err(|e| e.to_string()),
-        "rate-limiter" => parse_json::<rate_limiter::logic::Config>(json)
-            .and_then(rate_limiter::logic::Settings::try_from_config)
-            .map(|s| s.policies.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(","))
-            .map_err(|e| e.to_string()),
+        "consistent-hash" => parse_single::<consistent_hash::ConsistentHash>(json)
+            .map(|p| p.stages.iter().map(|s| s.stage.settings.hash_header.clone()).collect::<Vec<_>>().join(","))
+            .map_err(e),
+        "experiment-splitter" => parse_single::<experiment_splitter::ExperimentSplitter>(json)
+            .map(|p| p.stages.iter().flat_map(|s| s.stage.settings.experiments.iter().map(|e| e.routing_header.clone())).collect::<Vec<_>>().join(","))
+            .map_err(e),
+        "metrics-adapter" => parse_single::<metrics_adapter::MetricsAdapter>(json)
+            .map(|p| p.stages.iter().flat_map(|s| s.stage.settings.labels().into_iter().map(|l| l.name)).collect::<Vec<_>>().join(","))
+            .map_err(e),
+        "shard-router" => parse_single::<shard_router::ShardRouter>(json)
+            .map(|p| p.stages.iter().map(|s| s.stage.settings.shard_header.clone()).collect::<Vec<_>>().join(","))
+            .map_err(e),
+        "rate-limiter" => parse_single::<rate_limiter::RateLimiter>(json)
+            .map(|p| p.stages.iter().flat_map(|s| s.stage.settings.policies.iter().map(|p| p.name.clone())).collect::<Vec<_>>().join(","))
+            .map_err(e),
+        "meshpatterns" => meshpatterns::parse(json).map(|p| format!("{} stages", p.stages.len())).map_err(e),
         other => Err(format!("no parser registered for filter {other:?}")),
     }
 }
@@ -102,7 +101,12 @@ fn destination_rule_hashes_the_header_the_filter_writes() {
 fn virtual_service_routes_every_shard_the_shard_router_writes() {
     let docs: Vec<(String, Value)> = documents().into_iter().filter(|(f, _)| f == "shard-router.yaml").collect();
     let (_, plugin) = docs.iter().find(|(_, d)| d["kind"] == "WasmPlugin").unwrap();
-    let c: shard_router::logic::Config = meshpatterns_core::error::parse_json(&plugin_json(plugin)).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&plugin_json(plugin)).unwrap();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("match");
+        m.remove("filterState");
+    }
+    let c: shard_router::logic::Config = serde_json::from_value(v).unwrap();
     let s = shard_router::logic::Settings::try_from_config(c).unwrap();
     let routes: Vec<&Value> =
         docs.iter().filter(|(_, d)| d["kind"] == "VirtualService").flat_map(|(_, d)| d["spec"]["http"].as_sequence().unwrap()).collect();

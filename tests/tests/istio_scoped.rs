@@ -62,7 +62,8 @@ const ENVOY_ADDS: [&str; 4] = ["x-request-id", "x-forwarded-proto", "x-envoy-exp
 /// The hosts a pluginConfig scopes itself to: its own `match.hosts`, or those
 /// of its stages (the pipeline).
 fn scoped_hosts(config: &serde_json::Value) -> Vec<String> {
-    let mut out: Vec<String> = config["match"]["hosts"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(str::to_string)).collect();
+    let mut out: Vec<String> =
+        config["match"]["hosts"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(str::to_string)).collect();
     for stage in config["stages"].as_array().into_iter().flatten() {
         for (_, c) in stage.as_object().into_iter().flatten() {
             out.extend(c["match"]["hosts"].as_array().into_iter().flatten().filter_map(|h| h.as_str().map(str::to_string)));
@@ -103,9 +104,16 @@ fn gateway_plugins_touch_only_their_own_host() {
             for i in 0..5 {
                 let path = format!("/checkout/cart/{i}");
                 let r = c.get(&path, &sent);
-                assert_eq!(r.status, 200, "istio/{file} {filter}: {other}{path} got {} (the plugin answered for a host it does not serve)", r.status);
+                assert_eq!(
+                    r.status, 200,
+                    "istio/{file} {filter}: {other}{path} got {} (the plugin answered for a host it does not serve)",
+                    r.status
+                );
                 assert!(r.header("set-cookie").is_none(), "istio/{file} {filter}: cookie issued on {other}");
-                assert!(r.header("x-ratelimit-limit").is_none() && r.header("ratelimit").is_none(), "istio/{file} {filter}: rate-limit headers on {other}");
+                assert!(
+                    r.header("x-ratelimit-limit").is_none() && r.header("ratelimit").is_none(),
+                    "istio/{file} {filter}: rate-limit headers on {other}"
+                );
                 let seen = r.json();
                 let got: Vec<String> = seen["headers"].as_object().unwrap().keys().cloned().collect();
                 for h in &got {
@@ -118,7 +126,10 @@ fn gateway_plugins_touch_only_their_own_host() {
             }
         }
         // The plugin's own host gets the pattern: it is not skipped.
-        let skipped = format!("meshpatterns.{}.skipped", if filter == "meshpatterns" { "consistent_hash".to_string() } else { filter.replace('-', "_") });
+        let skipped = format!(
+            "meshpatterns.{}.skipped",
+            if filter == "meshpatterns" { "consistent_hash".to_string() } else { filter.replace('-', "_") }
+        );
         wait_for(&format!("{filter}: 10 skipped requests counted"), Duration::from_secs(10), || {
             (envoy.stats().iter().any(|(k, v)| k.ends_with(&skipped) && *v == 10)).then_some(())
         });

@@ -31,7 +31,9 @@ fn shipped_config() -> serde_json::Value {
 fn expected_arm(user: &str, path: &str) -> String {
     let cfg = &shipped_config()["stages"][1]["experimentSplit"];
     let json = serde_json::to_vec(cfg).unwrap();
-    let stage = meshpatterns_host::stage::build_stage::<experiment_splitter::ExperimentSplitter>(serde_json::from_slice(&json).unwrap(), "").unwrap();
+    let stage =
+        meshpatterns_host::stage::build_stage::<experiment_splitter::ExperimentSplitter>(serde_json::from_slice(&json).unwrap(), "")
+            .unwrap();
     let req = StaticRequest::new(path).with("x-user-id", user);
     let d = experiment_splitter::logic::decide(&stage.stage.settings, &req, || "unused".into());
     let arm = d.routing(&stage.stage.settings).find(|(h, _)| *h == "x-experiment-arm").map(|(_, v)| v.to_string()).unwrap_or_default();

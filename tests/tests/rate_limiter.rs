@@ -399,7 +399,10 @@ fn invalid_config_fails_with_field_named() {
 }
 
 /// An upstream that counts the requests it serves per value of `x-client`.
-fn counting_upstream() -> (Upstream, Arc<Mutex<HashMap<Vec<u8>, u32>>>) {
+/// Requests seen per key, by the upstream.
+type KeyCounts = Arc<Mutex<HashMap<Vec<u8>, u32>>>;
+
+fn counting_upstream() -> (Upstream, KeyCounts) {
     let seen: Arc<Mutex<HashMap<Vec<u8>, u32>>> = Arc::default();
     let counts = Arc::clone(&seen);
     let up = Upstream::with_handler(

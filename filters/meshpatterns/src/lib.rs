@@ -210,11 +210,17 @@ mod tests {
     fn stage_errors_name_the_stage() {
         let e = err(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"x-u"}]}},{"rateLimit":{"policies":[{"rate":"NaN"}]}}]}"#);
         assert!(e.field.starts_with("stages[1].rateLimit.policies[0]"), "{e}");
-        assert_eq!(err(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"bad name"}]}}]}"#).field, "stages[0].consistentHash.keySources[0].header");
+        assert_eq!(
+            err(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"bad name"}]}}]}"#).field,
+            "stages[0].consistentHash.keySources[0].header"
+        );
         assert_eq!(err(r#"{"stages":[{"hashing":{}}]}"#).field, "stages[0].hashing");
         assert_eq!(err(r#"{"stages":[]}"#).field, "stages");
         assert_eq!(err(r#"{"stage":[]}"#).field, "stage");
-        assert_eq!(err(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"a"}],"match":{"hosts":["a b"]}}}]}"#).field, "stages[0].consistentHash.match.hosts[0]");
+        assert_eq!(
+            err(r#"{"stages":[{"consistentHash":{"keySources":[{"header":"a"}],"match":{"hosts":["a b"]}}}]}"#).field,
+            "stages[0].consistentHash.match.hosts[0]"
+        );
         assert!(parse(br#"{"stages":[{"consistentHash":{"keySources":[{"header":"x-u"}],"match":{"hosts":["a.com"]}}}]}"#).is_ok());
     }
 }
