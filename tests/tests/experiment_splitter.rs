@@ -292,8 +292,8 @@ fn targeting_lists_and_client_sent_routing_headers() {
     // Header and cookie targeting (a variant of the shipped config).
     let envoy = builder(&control, &treatment)
         .replace(
-            r#""targeting": {"pathPrefixes": ["/checkout"]}"#,
-            r#""targeting": {"pathPrefixes": ["/checkout"], "headers": [{"name": "x-country", "values": ["DE", "FR"]}], "cookies": [{"name": "beta"}]}"#,
+            r#""match": {"pathPrefixes": ["/checkout"]}"#,
+            r#""match": {"pathPrefixes": ["/checkout"]}, "targeting": {"headers": [{"name": "x-country", "values": ["DE", "FR"]}], "cookies": [{"name": "beta"}]}"#,
         )
         .start();
     let mut c = Client::new(envoy.port("ingress"));
@@ -483,7 +483,9 @@ fn match_block_scopes_the_experiment_and_old_targeting_warns() {
     let (_, tu) = control_and_treatment_users();
     let warning = "experiment-splitter: deprecated config fields, read for this release only: `experiments[0].targeting.pathPrefixes` (use `experiments[0].match.pathPrefixes`)";
     // The shipped config still uses `targeting`.
-    let envoy = builder(&control, &treatment).start();
+    let envoy = builder(&control, &treatment)
+        .replace(r#""match": {"pathPrefixes": ["/checkout"]}"#, r#""targeting": {"pathPrefixes": ["/checkout"]}"#)
+        .start();
     let mut c = Client::new(envoy.port("ingress"));
     assert_eq!(c.get("/checkout", &[("x-user-id", &tu)]).replica(), "treatment");
     assert_eq!(c.get("/home", &[("x-user-id", &tu)]).replica(), "control");
@@ -493,7 +495,7 @@ fn match_block_scopes_the_experiment_and_old_targeting_warns() {
 
     let envoy = builder(&control, &treatment)
         .replace(
-            r#""targeting": {"pathPrefixes": ["/checkout"]}"#,
+            r#""match": {"pathPrefixes": ["/checkout"]}"#,
             r#""match": {"hosts": ["shop.example.com", "*.shop.example.com"], "pathPrefixes": ["/checkout"], "methods": ["GET"],
                          "headers": [{"name": "x-synthetic", "present": false}], "not": {"pathPrefixes": ["/checkout/health"]}}"#,
         )

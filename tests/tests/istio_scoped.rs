@@ -99,7 +99,7 @@ fn gateway_plugins_touch_only_their_own_host() {
             .start();
         let mut c = Client::new(envoy.port("ingress"));
         let sent = [("x-user-id", "u-1"), ("x-api-key", "k-1")];
-        for other in ["api.example.com", "unrelated.example.org"] {
+        for other in ["other.example.net", "unrelated.example.org"] {
             c.host = other.to_string();
             for i in 0..5 {
                 let path = format!("/checkout/cart/{i}");
