@@ -440,7 +440,12 @@ fn check_routes_on(
 
 /// The header pairing of one plugin with the resources of its file.
 fn check_header_pairing(plugin: &Doc, pair: &[&Doc]) -> Vec<String> {
-    use meshpatterns_core::error::parse_json;
+    /// The pattern's own config, without the stage-level `match` and `filterState`.
+    fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, meshpatterns_core::error::ConfigError> {
+        let mut v = meshpatterns_core::error::parse_value(json)?;
+        meshpatterns_host::stage::take_scope(&mut v, "")?;
+        meshpatterns_core::error::from_value(v, "")
+    }
     let json = plugin_json(plugin);
     let bad = |e: meshpatterns_core::error::ConfigError| vec![format!("{}: pluginConfig: {e}", plugin.at())];
     match filter_of(plugin).as_str() {
