@@ -24,6 +24,7 @@ pub mod load;
 pub mod origin;
 pub mod paths;
 pub mod redis;
+pub mod rls;
 pub mod tls;
 pub mod upstream;
 pub mod xds;
