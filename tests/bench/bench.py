@@ -1012,8 +1012,9 @@ def how_to_read():
         "for them to mean much." % TARGET_RATIO,
         "",
         "*instr./req* is the number of instructions the Envoy under test executed per proxied request, counted by "
-        "callgrind (see the Instructions line above). Unlike CPU time it does not move with other work on the "
-        "machine (repeat counts agree to about 0.05 %), so it is the figure to judge a change by in one run; it "
+        "callgrind (see the Instructions line above). Unlike CPU time it hardly moves with other work on the "
+        "machine (repeat counts agree to within about 0.05 %, 0.2 % when the machine is heavily loaded; with "
+        "--callgrind-runs 2 or more the report shows it), so it is the figure to judge a change by in one run; it "
         "counts instructions, not cycles (cache misses and the like are not in it). *added instr.* is that minus "
         "the baseline's; *× noop* divides it by noop's added instructions; *× anchor* divides it by what the "
         "scenario's anchor adds (a bench-only module doing only the same core job, see the pipeline group).",
@@ -1154,6 +1155,10 @@ def memory_section(g, rss, not_built):
                  "MB above a single-pattern module of today (%d–%d MB): %s." % (
                      mb(med["pipeline"]), diff, top, MEMORY_PIPELINE_MARGIN_MB, MEMORY_TODAY_MB[0], MEMORY_TODAY_MB[1],
                      verdict(mb(med["pipeline"]) <= MEMORY_TODAY_MB[1] + MEMORY_PIPELINE_MARGIN_MB)))
+    if "pipeline" in not_built and "pipeline" in MEMORY.get(g, []):
+        L.append("Pipeline: **not measured** (%s not built); target: at most %d MB above a single-pattern module of "
+                 "today (%d–%d MB)." % (", ".join(m + ".wasm" for m in not_built["pipeline"]), MEMORY_PIPELINE_MARGIN_MB,
+                                        MEMORY_TODAY_MB[0], MEMORY_TODAY_MB[1]))
     if "pipeline" in med and "chain-3" in med:
         L.append("Three stages in one module against three modules: pipeline %.1f MB, chain-3 %.1f MB (%+.1f MB)." % (
             mb(med["pipeline"]), mb(med["chain-3"]), mb(med["pipeline"] - med["chain-3"])))
@@ -1191,6 +1196,11 @@ def report(args, groups, names, runs, counts, rss, summary, floor, floor_instr, 
             L.append("")
         for n in GROUPS[g]:
             if n in not_built:
+                sc = SCENARIOS[n]
+                if "anchor_target" in sc:
+                    L.append("Target (%s adds ≤ %.2f× what %s adds, in instructions): **not measured**, %s not built." % (
+                        n, sc["anchor_target"], sc["anchor"], ", ".join(m + ".wasm" for m in not_built[n])))
+                    L.append("")
                 continue
             other = SCENARIOS[n].get("speedup_over")
             if other and "cpu_us" in summary[n] and other in summary:

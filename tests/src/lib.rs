@@ -25,6 +25,7 @@ pub mod origin;
 pub mod paths;
 pub mod pipeline;
 pub mod redis;
+pub mod rls;
 pub mod tls;
 pub mod upstream;
 pub mod xds;

@@ -102,29 +102,67 @@ fn start(n: usize) -> (Vec<RedisServer>, Envoy) {
     (shards, envoy)
 }
 
+/// Fixed layouts for the spread: Envoy places ring points by hashing each
+/// host's address, and the kernel picks new ports every run, so the test
+/// gives each shard a fixed address to hash instead (`envoy.lb` endpoint
+/// metadata `hash_key`): layout `L` calls shard `i` `10.L.0.(i+1):6379`.
+const LAYOUTS: usize = 6;
+
+fn fixed_layout(ports: &[u16], layout: usize) -> String {
+    let items: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}, \
+                 metadata: {{filter_metadata: {{envoy.lb: {{hash_key: '10.{layout}.0.{}:6379'}}}}}}}}",
+                i + 1
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
 #[test]
 fn keys_spread_across_the_shards_and_read_back() {
-    let (shards, envoy) = start(3);
-    let mut c = Resp::connect(envoy.port("redis"));
-    assert_eq!(c.command(&["PING"]), Reply::Simple("PONG".into()));
+    let shards: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let ports: Vec<u16> = shards.iter().map(|r| r.port).collect();
     let n = 3000;
-    for i in 0..n {
-        c.set(&format!("key:{i}"), &format!("value-{i}"));
-    }
-    for i in 0..n {
-        assert_eq!(c.get(&format!("key:{i}")).as_deref(), Some(format!("value-{i}").as_str()));
-    }
-    let sizes: Vec<u64> = shards.iter().map(dbsize).collect();
-    eprintln!("{n} keys through redis_proxy over 3 redis-server shards (ring_hash): DBSIZE {sizes:?}");
-    assert_eq!(sizes.iter().sum::<u64>(), n, "every key stored exactly once");
-    // Bound: each shard holds between 0.6 and 1.4 times its fair share. Envoy
-    // places ring points by hashing each host's address, and the ports differ
-    // on every run, so the split varies from run to run (ring of 4096 points).
     let mean = n as f64 / 3.0;
-    for (r, s) in shards.iter().zip(&sizes) {
-        let share = *s as f64 / mean;
-        assert!((0.6..=1.4).contains(&share), "shard {} holds {s} keys ({share:.2} of its fair share): {sizes:?}", r.addr());
+    let (mut largest, mut smallest) = (Vec::new(), Vec::new());
+    for layout in 0..LAYOUTS {
+        let envoy = EnvoyBuilder::new(CONFIG).var("ENDPOINTS_REDIS", fixed_layout(&ports, layout)).start();
+        envoy.wait_healthy(CLUSTER, 3);
+        let mut c = Resp::connect(envoy.port("redis"));
+        assert_eq!(c.command(&["PING"]), Reply::Simple("PONG".into()));
+        for i in 0..n {
+            c.set(&format!("key:{i}"), &format!("value-{i}"));
+        }
+        for i in 0..n {
+            assert_eq!(c.get(&format!("key:{i}")).as_deref(), Some(format!("value-{i}").as_str()));
+        }
+        let sizes: Vec<u64> = shards.iter().map(dbsize).collect();
+        eprintln!("layout {layout}: {n} keys through redis_proxy over 3 redis-server shards (ring_hash): DBSIZE {sizes:?}");
+        assert_eq!(sizes.iter().sum::<u64>(), n, "every key stored exactly once");
+        largest.push(*sizes.iter().max().unwrap() as f64 / mean);
+        smallest.push(*sizes.iter().min().unwrap() as f64 / mean);
+        if layout + 1 < LAYOUTS {
+            for r in &shards {
+                assert_eq!(r.command(&["FLUSHALL"]).unwrap(), "+OK");
+            }
+        }
     }
+    largest.sort_by(f64::total_cmp);
+    smallest.sort_by(f64::total_cmp);
+    let mmm = |v: &[f64]| format!("min {:.3} / median {:.3} / max {:.3}", v[0], v[v.len() / 2], v[v.len() - 1]);
+    eprintln!("over {LAYOUTS} fixed layouts: largest shard {} of its fair share; smallest {}", mmm(&largest), mmm(&smallest));
+    // The layouts are fixed, so every run measures the same split (Envoy
+    // 1.40: see filters/shard-router/README.md); the bound leaves room for
+    // another Envoy version's ring: every shard within 0.9–1.1 of its share.
+    assert!(largest[LAYOUTS - 1] <= 1.1 && smallest[0] >= 0.9, "largest {largest:?}, smallest {smallest:?}");
+    let envoy = EnvoyBuilder::new(CONFIG).var("ENDPOINTS_REDIS", fixed_layout(&ports, LAYOUTS - 1)).start();
+    envoy.wait_healthy(CLUSTER, 3);
+    let mut c = Resp::connect(envoy.port("redis"));
 
     // Hash tags: keys sharing a {tag} live on the same shard.
     for u in 0..20 {
