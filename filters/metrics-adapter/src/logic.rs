@@ -351,10 +351,12 @@ impl RequestLabels {
     }
 }
 
-/// Envoy's `request.duration` (nanoseconds) in whole milliseconds, as the
-/// histogram records it; `None` for a negative value.
-pub fn duration_ms(nanos: i64) -> Option<u64> {
-    u64::try_from(nanos).ok().map(|ns| ns / 1_000_000)
+/// The request's duration in whole milliseconds, as the histogram records
+/// it, from two readings of the host clock (nanoseconds): when the request
+/// reached the filter and when the stream ended. `None` when a reading is
+/// missing (0); a clock that stepped back gives 0.
+pub fn elapsed_ms(start_ns: u64, end_ns: u64) -> Option<u64> {
+    (start_ns > 0 && end_ns > 0).then(|| end_ns.saturating_sub(start_ns) / 1_000_000)
 }
 
 #[cfg(test)]
@@ -462,6 +464,7 @@ mod tests {
         assert_eq!(names, ["cluster", "route", "method", "status_class", "tenant", "x_plan"]);
         // No response at all (a reset): status_class none.
         assert_eq!(RequestLabels::default().values(&[], None), ["none", "none"]);
-        assert_eq!((duration_ms(2_999_999), duration_ms(-1)), (Some(2), None));
+        assert_eq!(elapsed_ms(1_000_000_000, 1_002_999_999), Some(2));
+        assert_eq!((elapsed_ms(0, 5), elapsed_ms(5, 0), elapsed_ms(9_000_000, 1)), (None, None, Some(0)));
     }
 }

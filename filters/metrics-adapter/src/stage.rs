@@ -1,12 +1,19 @@
 //! metrics-adapter as a pipeline stage: read, call [`crate::logic`],
 //! [`crate::admission`] and [`crate::legacy`], apply.
 //!
-//! Request side: the request's labels (method, header labels) and, for a
-//! legacy stats endpoint, the path rewrite. Response side: the legacy
-//! rewrite. End of stream (`on_log`): route, cluster, status and duration,
-//! each label value admitted or `other`, then the RED series of that label
-//! set: its counters counted in the VM and flushed on the tick, its
-//! histogram recorded at once.
+//! Request side: the request's labels (method, header labels), the clock,
+//! and for a legacy stats endpoint the path rewrite. Response side: the
+//! status, and the legacy rewrite. End of stream (`on_log`): route and
+//! cluster, each label value admitted or `other`, then the RED series of
+//! that label set: its counters counted in the VM and flushed on the tick,
+//! its histogram recorded at once.
+//!
+//! Cost: the status comes from the response headers (one header read in a
+//! callback the module needs anyway) and the duration from two readings of
+//! the host clock, not from the `response.code` and `request.duration`
+//! properties: each property read costs about 14 k instructions per request
+//! under callgrind (Envoy 1.40), a clock reading almost nothing. Route and
+//! cluster have no other source than their properties.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -133,6 +140,10 @@ fn intern(slot: &mut LabelSlot, value: &str) -> u16 {
 #[derive(Debug, Default)]
 pub struct MetricsStream {
     labels: RequestLabels,
+    /// The host clock when the request reached the filter (ns; 0: unknown).
+    start_ns: u64,
+    /// The `:status` of the response as it passed the filter (`None`: no response).
+    status: Option<u32>,
     /// The legacy endpoint this request is for, and whether it is a HEAD.
     legacy: Option<(usize, bool)>,
     rewrite: Rewrite,
@@ -143,6 +154,7 @@ impl Stage for MetricsAdapter {
 
     fn on_request(&self, req: &mut Request<'_>, st: &mut MetricsStream) -> Flow {
         st.labels = RequestLabels::of(&self.settings, &*req);
+        st.start_ns = req.now_nanos();
         if self.settings.legacy.is_empty() {
             return Flow::Continue;
         }
@@ -160,15 +172,17 @@ impl Stage for MetricsAdapter {
     }
 
     /// An earlier stage answered (a 429 from the rate limiter): the request
-    /// is still counted with its labels; `on_log` reads the status the
-    /// client got.
+    /// is still counted with its labels, and with the status of that reply,
+    /// which passes `on_response` like any response.
     fn after_local_reply(&self, req: &mut Request<'_>, st: &mut MetricsStream) {
         st.labels = RequestLabels::of(&self.settings, &*req);
+        st.start_ns = req.now_nanos();
     }
 
     fn on_response(&self, resp: &mut Response, st: &mut MetricsStream) {
+        st.status = resp.status();
         let Some((_, head)) = st.legacy else { return };
-        match st.rewrite.on_headers(resp.status(), resp.end_of_stream, head) {
+        match st.rewrite.on_headers(st.status, resp.end_of_stream, head) {
             Headers::PassUpstreamError => self.legacy.upstream_errors.inc(),
             Headers::Rewrite { parse_error } => {
                 resp.remove_header("content-length");
@@ -211,8 +225,8 @@ impl Stage for MetricsAdapter {
     }
 
     fn on_log(&self, st: &mut MetricsStream) {
-        let code = meshpatterns_host::property_i64(&["response", "code"]).and_then(|c| u64::try_from(c).ok());
-        let duration_ms = meshpatterns_host::property_i64(&["request", "duration"]).and_then(logic::duration_ms);
+        let code = st.status.map(u64::from);
+        let duration_ms = logic::elapsed_ms(st.start_ns, abi::now_nanos());
         let dimensions: Vec<Option<String>> =
             self.settings.dimensions.iter().map(|d| meshpatterns_host::property_string(&d.property())).collect();
         let values = st.labels.values(&dimensions, code);
