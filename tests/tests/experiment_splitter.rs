@@ -538,8 +538,8 @@ fn istio_virtual_service_matches_the_arm_header() {
     let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
     let plugin = docs.iter().find(|d| d["kind"] == "WasmPlugin").unwrap();
     let json = serde_json::to_vec(&serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap()).unwrap();
-    let cfg: experiment_splitter::logic::Config = meshpatterns_core::error::parse_json(&json).unwrap();
-    let s = experiment_splitter::logic::Settings::try_from_config(cfg).unwrap();
+    let pipeline = meshpatterns_host::stage::parse_single::<experiment_splitter::ExperimentSplitter>(&json).unwrap();
+    let s = &pipeline.stages[0].stage.settings;
     let e = &s.experiments[0];
     let targets: BTreeSet<&str> = e.arms.iter().map(|a| a.target.as_str()).collect();
     let vs = docs.iter().find(|d| d["kind"] == "VirtualService").unwrap();
