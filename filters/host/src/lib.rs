@@ -97,12 +97,27 @@ impl Histogram {
 }
 
 thread_local! {
-    static MINT_FALLBACKS: BatchedCounter = BatchedCounter::new("meshpatterns.id_mint_fallback");
+    /// Ids minted without the CSPRNG since the last flush; the stat is
+    /// defined only when it first has something to count.
+    static MINT_FALLBACKS: Cell<u64> = const { Cell::new(0) };
+    static MINT_FALLBACK_STAT: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 /// Flush the module-wide counters (from the tick).
 pub fn flush_module_counters() {
-    MINT_FALLBACKS.with(BatchedCounter::flush);
+    let n = MINT_FALLBACKS.with(|c| c.replace(0));
+    if n == 0 {
+        return;
+    }
+    let id = MINT_FALLBACK_STAT.with(|s| {
+        if s.get().is_none() {
+            s.set(abi::define_metric(abi::MetricKind::Counter, "meshpatterns.id_mint_fallback").ok());
+        }
+        s.get()
+    });
+    if let Some(id) = id {
+        let _ = abi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 /// A new id for a cookie the filter issues: 16 bytes from the host's CSPRNG
@@ -112,7 +127,7 @@ pub fn flush_module_counters() {
 pub fn mint_id(context_id: u32) -> String {
     let mut bytes = [0u8; 16];
     if !random_bytes(&mut bytes) {
-        MINT_FALLBACKS.with(BatchedCounter::inc);
+        MINT_FALLBACKS.with(|c| c.set(c.get().saturating_add(1)));
         let seed = format!("{}:{context_id}", abi::now_nanos());
         let a = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 1);
         let b = meshpatterns_core::hash::hash64_seeded(seed.as_bytes(), 2);
