@@ -7,8 +7,10 @@
 //!
 //! ```no_run
 //! use meshpatterns_tests::rls::Rls;
+//! # let bin = std::path::Path::new("target/debug/rls");
+//! // in an integration test: let bin = env!("CARGO_BIN_EXE_rls").as_ref();
 //! let limits = "limits: [{domain: meshpatterns, descriptor: [{key: api_key}], max: 100, seconds: 3600}]";
-//! let mut rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), limits);
+//! let mut rls = Rls::start(bin, limits);
 //! // point Envoy's ratelimit cluster at rls.port ...
 //! rls.stop(); // calls fail: Envoy's failure mode
 //! rls.restart(); // same port, counters kept in Redis

@@ -246,10 +246,10 @@ fn rls_frozen_answers_after_the_timeout_then_limiting_resumes() {
     wait_rls_answers(&envoys[0], "probe");
     let after = burst(&envoys, (B + B / 4) as usize, &key);
     assert!(after.other.is_empty() && after.slowest < NO_HANG, "{after:?}");
-    // Limiting resumed: what the RLS admitted stays within the budget (calls
-    // Envoy gave up on while it was frozen may have been counted after the
-    // thaw), and the rest is refused. Requests the RLS answers later than
-    // the 0.25 s timeout on a busy machine pass unlimited (failure mode).
+    // Limiting resumed: what the RLS admitted stays within the budget and the
+    // rest is refused. Calls Envoy gave up on (while frozen, or slower than
+    // 0.25 s on a busy machine: those pass unlimited) may still be counted
+    // once the RLS gets to them, so the RLS may admit less than B.
     assert!(after.admitted <= B + B / 100, "{after:?}");
     assert!(after.limited > 0, "limiting resumed: {after:?}");
     eprintln!(
