@@ -38,7 +38,13 @@ fn parse_plugin(filter: &str, json: &[u8]) -> Result<String, String> {
             .map(|p| p.stages.iter().map(|s| s.stage.settings.hash_header.clone()).collect::<Vec<_>>().join(","))
             .map_err(e),
         "experiment-splitter" => parse_single::<experiment_splitter::ExperimentSplitter>(json)
-            .map(|p| p.stages.iter().flat_map(|s| s.stage.settings.experiments.iter().map(|e| e.routing_header.clone())).collect::<Vec<_>>().join(","))
+            .map(|p| {
+                p.stages
+                    .iter()
+                    .flat_map(|s| s.stage.settings.experiments.iter().map(|e| e.routing_header.clone()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .map_err(e),
         "metrics-adapter" => parse_single::<metrics_adapter::MetricsAdapter>(json)
             .map(|p| p.stages.iter().flat_map(|s| s.stage.settings.labels().into_iter().map(|l| l.name)).collect::<Vec<_>>().join(","))
