@@ -438,19 +438,37 @@ fn check_routes_on(
     problems
 }
 
-/// The header pairing of one plugin with the resources of its file.
+/// The header pairing of one plugin with the resources of its file. The
+/// pipeline module (`meshpatterns`) pairs stage by stage: each stage is
+/// checked as the single filter of its pattern would be.
 fn check_header_pairing(plugin: &Doc, pair: &[&Doc]) -> Vec<String> {
+    let filter = filter_of(plugin);
+    if filter != "meshpatterns" {
+        return check_pattern_pairing(plugin, pair, &filter, &plugin_json(plugin));
+    }
+    let mut problems = Vec::new();
+    for stage in seq(&plugin.spec()["pluginConfig"]["stages"]) {
+        for (key, config) in stage.as_mapping().into_iter().flatten() {
+            let Some((name, _)) = meshpatterns::PATTERNS.iter().find(|(_, k)| key.as_str() == Some(*k)) else { continue };
+            let json = serde_json::to_vec(&serde_json::to_value(config).unwrap_or_default()).unwrap_or_default();
+            problems.extend(check_pattern_pairing(plugin, pair, name, &json));
+        }
+    }
+    problems
+}
+
+/// The header pairing of one pattern's config (`json`) in `plugin`.
+fn check_pattern_pairing(plugin: &Doc, pair: &[&Doc], filter: &str, json: &[u8]) -> Vec<String> {
     /// The pattern's own config, without the stage-level `match` and `filterState`.
     fn parse_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, meshpatterns_core::error::ConfigError> {
         let mut v = meshpatterns_core::error::parse_value(json)?;
         meshpatterns_host::stage::take_scope(&mut v, "")?;
         meshpatterns_core::error::from_value(v, "")
     }
-    let json = plugin_json(plugin);
-    let bad = |e: meshpatterns_core::error::ConfigError| vec![format!("{}: pluginConfig: {e}", plugin.at())];
-    match filter_of(plugin).as_str() {
+    let bad = |e: meshpatterns_core::error::ConfigError| vec![format!("{}: pluginConfig ({filter}): {e}", plugin.at())];
+    match filter {
         "consistent-hash" => {
-            let s = match parse_json(&json).and_then(consistent_hash::logic::Settings::try_from_config) {
+            let s = match parse_json(json).and_then(consistent_hash::logic::Settings::try_from_config) {
                 Ok(s) => s,
                 Err(e) => return bad(e),
             };
@@ -487,7 +505,7 @@ fn check_header_pairing(plugin: &Doc, pair: &[&Doc]) -> Vec<String> {
             problems
         }
         "experiment-splitter" => {
-            let s = match parse_json(&json).and_then(experiment_splitter::logic::Settings::try_from_config) {
+            let s = match parse_json(json).and_then(experiment_splitter::logic::Settings::try_from_config) {
                 Ok(s) => s,
                 Err(e) => return bad(e),
             };
@@ -503,7 +521,7 @@ fn check_header_pairing(plugin: &Doc, pair: &[&Doc]) -> Vec<String> {
             problems
         }
         "shard-router" => {
-            let s = match parse_json(&json).and_then(shard_router::logic::Settings::try_from_config) {
+            let s = match parse_json(json).and_then(shard_router::logic::Settings::try_from_config) {
                 Ok(s) => s,
                 Err(e) => return bad(e),
             };
@@ -901,6 +919,24 @@ fn a_wasmplugin_that_disagrees_with_its_pair_is_named() {
     let p = check_plugins(&docs);
     expect(&p, &["writes x-shard-cluster: \"shard-d\""]);
     expect(&p, &["matches x-shard-cluster: \"shard-c\"", "never writes"]);
+
+    // The pipeline pairs stage by stage.
+    let docs = mutated("meshpatterns.yaml", "DestinationRule", |d| {
+        set(d, &["spec", "trafficPolicy", "loadBalancer", "consistentHash", "httpHeaderName"], "x-user-id")
+    });
+    expect(
+        &check_plugins(&docs),
+        &["consistentHash.httpHeaderName is \"x-user-id\"", "WasmPlugin istio-system/meshpatterns", "x-session-hash"],
+    );
+    let docs = mutated("meshpatterns.yaml", "VirtualService", |d| {
+        d["spec"]["http"][0]["match"][0]["headers"]["x-experiment-arm"]
+            .as_mapping_mut()
+            .map(|m| m.insert("exact".into(), "v3".into()))
+            .is_some()
+    });
+    let p = check_plugins(&docs);
+    expect(&p, &["matches x-experiment-arm: \"v3\"", "never writes"]);
+    expect(&p, &["writes x-experiment-arm: \"v2\"", "no VirtualService route"]);
 
     // A plugin that fails closed on the shared ingress gateway.
     let docs = mutated("rate-limiter.yaml", "WasmPlugin", |d| set(d, &["spec", "failStrategy"], "FAIL_CLOSE"));
