@@ -54,7 +54,12 @@ fn settings(config: &str) -> Settings {
     let yaml: serde_norway::Value = serde_norway::from_str(&b.render()).unwrap();
     let hcm = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     let json = hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"].as_str().unwrap();
-    let c: Config = meshpatterns_core::error::parse_json(json.as_bytes()).unwrap();
+    // Through the pipeline module the config is its only stage.
+    let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
+    if let Some(inner) = v.get("stages").and_then(|s| s.get(0)).and_then(|s| s.get("shardRoute")).cloned() {
+        v = inner;
+    }
+    let c: Config = meshpatterns_core::error::parse_json(v.to_string().as_bytes()).unwrap();
     Settings::try_from_config(c).unwrap()
 }
 
