@@ -141,6 +141,25 @@ pub fn scratch(prefix: &str) -> PathBuf {
     dir
 }
 
+/// The Python interpreter with grpcio for the gRPC client and server tests
+/// (tests/grpc/echo.py): `$GRPC_PYTHON` (`make test` installs grpcio into
+/// .venv and points it there), else the project virtualenv's, else the one
+/// beside `$ENVOY`, else `python3`.
+pub fn grpc_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("GRPC_PYTHON").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    let venv = repo().join(".venv/bin/python3");
+    if venv.exists() {
+        return venv;
+    }
+    let beside = envoy().with_file_name("python3");
+    if beside.exists() {
+        return beside;
+    }
+    "python3".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

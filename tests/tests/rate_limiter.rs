@@ -592,24 +592,6 @@ fn keys_differing_only_in_bytes_that_are_not_utf8_have_their_own_buckets() {
     envoy.wait_stat("meshpatterns.rate_limiter.bytes.limited", 5);
 }
 
-/// The Python interpreter with grpcio: `$GRPC_PYTHON` (`make test` installs
-/// grpcio into .venv and points it there), else the project virtualenv's,
-/// else the one beside `$ENVOY`.
-fn python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("GRPC_PYTHON").filter(|p| !p.is_empty()) {
-        return p.into();
-    }
-    let venv = paths::repo().join(".venv/bin/python3");
-    if venv.exists() {
-        return venv;
-    }
-    let beside = paths::envoy().with_file_name("python3");
-    if beside.exists() {
-        return beside;
-    }
-    "python3".into()
-}
-
 /// `tests/grpc/echo.py serve`: a real gRPC server; counts the calls it serves.
 struct GrpcServer {
     child: std::process::Child,
@@ -619,19 +601,18 @@ struct GrpcServer {
 
 impl GrpcServer {
     fn start() -> GrpcServer {
-        let mut child = Command::new(python())
+        let mut child = Command::new(paths::grpc_python())
             .arg(paths::repo().join("tests/grpc/echo.py"))
             .arg("serve")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {} ({e})", python().display()));
+            .unwrap_or_else(|e| panic!("cannot run {} ({e})", paths::grpc_python().display()));
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        let port = first
-            .strip_prefix("port ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("gRPC server did not start ({first:?}); is grpcio installed for {}?", python().display()));
+        let port = first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| {
+            panic!("gRPC server did not start ({first:?}); is grpcio installed for {}?", paths::grpc_python().display())
+        });
         let served = Arc::new(Mutex::new(0));
         let count = Arc::clone(&served);
         std::thread::spawn(move || {
@@ -657,7 +638,7 @@ impl Drop for GrpcServer {
 
 /// `tests/grpc/echo.py call`: `n` unary calls through `port`, one JSON result each.
 fn grpc_calls(port: u16, n: usize) -> Vec<serde_json::Value> {
-    let out = Command::new(python())
+    let out = Command::new(paths::grpc_python())
         .arg(paths::repo().join("tests/grpc/echo.py"))
         .args(["call", &format!("127.0.0.1:{port}"), &n.to_string()])
         .output()

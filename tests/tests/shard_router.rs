@@ -336,23 +336,6 @@ fn keys_are_the_bytes_sent() {
     assert!(r.json()["detail"].as_str().unwrap().contains("keyPattern"));
 }
 
-/// The Python interpreter with grpcio: `$PYTHON`, else the project
-/// virtualenv's, else the one beside `$ENVOY` (`make envoy` installs both).
-fn python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("PYTHON").filter(|p| !p.is_empty()) {
-        return p.into();
-    }
-    let venv = paths::repo().join(".venv/bin/python3");
-    if venv.exists() {
-        return venv;
-    }
-    let beside = paths::envoy().with_file_name("python3");
-    if beside.exists() {
-        return beside;
-    }
-    "python3".into()
-}
-
 /// A gRPC answer as curl saw it: the HTTP status, then headers and trailers.
 #[derive(Debug)]
 struct GrpcAnswer {
@@ -416,11 +399,11 @@ fn grpc_calls_without_a_valid_key_get_invalid_argument() {
     let shards = echo_shards(3);
     let envoy = start(CONFIG, &shards, |b| b);
     let port = envoy.port("ingress");
-    let out = Command::new(python())
+    let out = Command::new(paths::grpc_python())
         .arg(paths::repo().join("tests/grpc/echo.py"))
         .args(["call", &format!("127.0.0.1:{port}"), "2"])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {} ({e})", python().display()));
+        .unwrap_or_else(|e| panic!("cannot run {} ({e})", paths::grpc_python().display()));
     assert!(out.status.success(), "gRPC client failed: {}", String::from_utf8_lossy(&out.stderr));
     let calls: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(calls.len(), 2);
