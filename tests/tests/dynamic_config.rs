@@ -68,7 +68,13 @@ fn new_filter_config_applies_under_load_and_a_bad_one_is_rejected() {
     // v4 (valid again) still applies after a rejection.
     write_atomically(&dir, FILE, &consistent_hash_ecds(CONSISTENT_HASH_DEFAULT, 4));
     wait_for("the v4 behaviour", Duration::from_secs(30), || (last_labels(&load, 1) == [hashed.clone()]).then_some(()));
+    // The new config's root context ticks too: its batched counters reach
+    // Envoy's stats (a root that never set its tick period would count in
+    // the VM forever).
+    let keyed = "meshpatterns.consistent_hash.keyed";
+    let keyed_before = envoy.stat(keyed);
     load.wait_requests(100, Duration::from_secs(60));
+    wait_for("v4's counters flushed", Duration::from_secs(10), || (envoy.stat(keyed) >= keyed_before + 100).then_some(()));
     let report = load.stop();
 
     // No restart: the process we started served throughout, and the Envoy

@@ -32,12 +32,11 @@ pub struct Vm<S: Stage> {
     streams: HashMap<u32, Stream<S>>,
     /// HTTP calls in flight: token -> the stream that dispatched it.
     calls: HashMap<u32, u32>,
-    ticking: bool,
 }
 
 impl<S: Stage> Vm<S> {
     pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
-        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new(), ticking: false }
+        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new() }
     }
 
     /// `proxy_on_context_create`: a root (parent 0) or a stream of root `parent`.
@@ -64,8 +63,11 @@ impl<S: Stage> Vm<S> {
         match (vm.parse)(&bytes) {
             Ok(p) => {
                 vm.roots.insert(root, Rc::new(p));
-                if !vm.ticking {
-                    vm.ticking = abi::set_tick_period_ms(crate::FLUSH_PERIOD_MS).is_ok();
+                // The tick period belongs to the root context being
+                // configured: every root (a config reload makes a new one)
+                // sets its own, or its batched counters would never flush.
+                if let Err(s) = abi::set_tick_period_ms(crate::FLUSH_PERIOD_MS) {
+                    log::warn!("{}: no tick, counters will not be flushed: status {s}", vm.module);
                 }
                 true
             }
