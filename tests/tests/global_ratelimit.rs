@@ -144,9 +144,13 @@ fn stat_sum(envoys: &[Envoy], name: &str) -> u64 {
     envoys.iter().map(|e| e.stats().get(name).copied().unwrap_or(0)).sum()
 }
 
-/// Within 1 % of the budget, never below it.
+/// Never below the budget, and above it by at most 1 % or by what the
+/// limiter's read-then-increment lets through: each check can admit one
+/// more than the budget for every other check in flight at the same moment
+/// (`CONNS` connections per Envoy, two Envoys), whichever is larger.
 fn assert_budget(what: &str, admitted: u64, budget: u64) {
-    let max = budget + budget / 100;
+    let in_flight = (2 * CONNS) as u64;
+    let max = budget + (budget / 100).max(in_flight - 1);
     assert!((budget..=max).contains(&admitted), "{what}: {admitted} admitted, budget {budget} (allowed {budget}..={max})");
     eprintln!("{what}: {admitted} admitted for a budget of {budget} (overshoot {})", admitted - budget);
 }
