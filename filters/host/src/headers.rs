@@ -94,6 +94,24 @@ impl HeaderMap {
     }
 }
 
+/// A property's bytes as text (`source.address`, `plugin_name`): `None` when
+/// they are not UTF-8.
+pub fn property_text(bytes: Vec<u8>) -> Option<String> {
+    String::from_utf8(bytes).ok()
+}
+
+/// An integer property: Envoy serialises them as 8 little-endian bytes
+/// (bytes past the eighth are ignored; fewer is `None`).
+pub fn property_i64(bytes: &[u8]) -> Option<i64> {
+    let arr: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some(i64::from_le_bytes(arr))
+}
+
+/// A `:status` header value as a number (surrounding whitespace ignored).
+pub fn status_code(bytes: &[u8]) -> Option<u32> {
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]

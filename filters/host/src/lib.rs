@@ -172,12 +172,10 @@ pub fn set_filter_state(key: &str, value: &str) {
 
 /// A property as UTF-8 text (`["plugin_name"]`, `["xds", "cluster_name"]`).
 pub fn property_string(path: &[&str]) -> Option<String> {
-    String::from_utf8(abi::get_property(path).ok().flatten()?).ok()
+    headers::property_text(abi::get_property(path).ok().flatten()?)
 }
 
 /// An integer property (Envoy serialises them as 8 little-endian bytes).
 pub fn property_i64(path: &[&str]) -> Option<i64> {
-    let bytes = abi::get_property(path).ok().flatten()?;
-    let arr: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
-    Some(i64::from_le_bytes(arr))
+    headers::property_i64(&abi::get_property(path).ok().flatten()?)
 }

@@ -186,7 +186,7 @@ impl RequestView for Request<'_> {
         self.headers.get(name)
     }
     fn source_address(&self) -> Option<String> {
-        self.source.get_or_init(|| abi::get_property(&["source", "address"]).ok().flatten().and_then(|b| String::from_utf8(b).ok())).clone()
+        self.source.get_or_init(|| abi::get_property(&["source", "address"]).ok().flatten().and_then(crate::headers::property_text)).clone()
     }
 }
 
@@ -245,10 +245,7 @@ impl Response {
 
     /// The `:status`, read once.
     pub fn status(&self) -> Option<u32> {
-        *self.status.get_or_init(|| {
-            let b = abi::get_header(Map::ResponseHeaders, ":status").ok().flatten()?;
-            std::str::from_utf8(&b).ok()?.trim().parse().ok()
-        })
+        *self.status.get_or_init(|| crate::headers::status_code(&abi::get_header(Map::ResponseHeaders, ":status").ok().flatten()?))
     }
     pub fn header(&self, name: &str) -> Option<Vec<u8>> {
         abi::get_header(Map::ResponseHeaders, name).ok().flatten()
