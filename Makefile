@@ -89,6 +89,14 @@ lint: toolchain ## rustfmt check and clippy with panics denied in filter code (n
 bench: envoy build ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
 	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
 
+# The soak (tests/src/bin/soak.rs; results in RELIABILITY.md): every module at
+# once under saturation with 100,000 keys, ECDS reloads and client aborts.
+SOAK_SECONDS ?= 600
+
+.PHONY: soak
+soak: toolchain envoy build ## $(SOAK_SECONDS) s of saturation through every module: RSS every 10 s, non-2xx, reloads (SOAK_SECONDS=60 for a short run)
+	SOAK_SECONDS=$(SOAK_SECONDS) cargo run -q --release -p meshpatterns-tests --bin soak
+
 # OCI images for Istio (tests/oci/build.py; see istio/README.md). The tag is the
 # workspace version; `make pin` writes what Istio verifies into istio/*.yaml.
 IMAGE_TAG := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
