@@ -60,6 +60,10 @@ demo: toolchain envoy build ## run a local mesh (Envoy, replicas, filters) and p
 test: toolchain envoy build grpcio wasm-bindgen schema-deps ## run every test: lint, unit (native and wasm), config validation, real-Envoy integration
 	$(MAKE) --no-print-directory lint
 	cargo test -q --workspace --exclude meshpatterns-tests
+	@# Every committed fuzz corpus through its target, without libFuzzer (fuzz/tests/corpus.rs).
+	@# Its own target dir: fuzz/ is another workspace with its own lock file, and sharing
+	@# target/ makes the two overwrite each other's rlibs of the same path crates.
+	cargo test -q --manifest-path fuzz/Cargo.toml --no-default-features --target-dir target/fuzz-replay
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(CURDIR)/$(TOOLS)/bin/wasm-bindgen-test-runner \
 		cargo test -p meshpatterns-core --target wasm32-unknown-unknown
 	cargo test -q -p meshpatterns-tests -- --test-threads 2
@@ -84,6 +88,48 @@ lint: toolchain ## rustfmt check and clippy with panics denied in filter code (n
 	cargo fmt --all --check
 	cargo clippy -q --workspace --all-targets -- -D warnings
 	cargo clippy -q --target $(WASM_TARGET) -p meshpatterns-core -p meshpatterns-host $(addprefix -p ,$(MODULES)) -- -D warnings
+
+# libFuzzer targets (fuzz/, its own workspace; RELIABILITY.md, "Fuzzing").
+# cargo-fuzz passes -Z flags: on the pinned stable toolchain RUSTC_BOOTSTRAP=1
+# allows them, so no nightly is needed. No sanitizer (the code under test is
+# safe Rust; an out-of-bounds index panics); debug assertions on, so integer
+# overflow is a crash too. New inputs go to fuzz/target/corpus/<target>; the
+# committed, minimised corpora in fuzz/corpus/ are only read. One process per
+# target, one target after another (no -jobs: it would fork and log to files).
+# Or a number of executions per target (RELIABILITY.md's figures:
+# FUZZ_RUNS=10000000); with both, whichever comes first.
+FUZZ_RUNS ?=
+FUZZ_SECONDS ?= $(if $(FUZZ_RUNS),,60)
+FUZZ_TARGETS ?= $(shell sed -n 's/^name = "\(.*\)"/\1/p' fuzz/Cargo.toml | grep -v '^meshpatterns-fuzz$$')
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_ENV := PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" RUSTC_BOOTSTRAP=1
+FUZZ_FLAGS := --sanitizer none --debug-assertions --release
+
+.PHONY: fuzz
+fuzz: toolchain cargo-fuzz ## run every fuzz target for FUZZ_SECONDS (default 60) or FUZZ_RUNS executions; prints executions and crashes
+	$(FUZZ_ENV) cargo fuzz build $(FUZZ_FLAGS)
+	@mkdir -p fuzz/target/logs fuzz/target/artifacts; failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/target/corpus/$$t; \
+		dict=""; case $$t in config_*) dict="-dict=fuzz/config.dict";; esac; \
+		if $(FUZZ_ENV) cargo fuzz run $(FUZZ_FLAGS) $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+			$(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS)) $(if $(FUZZ_SECONDS),-max_total_time=$(FUZZ_SECONDS)) -print_final_stats=1 $$dict \
+			-artifact_prefix=fuzz/target/artifacts/$$t- >fuzz/target/logs/$$t.log 2>&1; then crash=0; else crash=1; failed="$$failed $$t"; fi; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' fuzz/target/logs/$$t.log | tail -n 1); \
+		rate=$$(sed -n 's/^stat::average_exec_per_sec: *//p' fuzz/target/logs/$$t.log | tail -n 1); \
+		secs=$$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' fuzz/target/logs/$$t.log | tail -n 1); \
+		printf '  %-28s %11s runs %6s s %7s exec/s %6s corpus files  crashes: %s\n' $$t "$${runs:-?}" "$${secs:-?}" "$${rate:-?}" \
+			$$(ls fuzz/target/corpus/$$t | wc -l) $$crash; \
+	done; \
+	if [ -n "$$failed" ]; then echo "crashed:$$failed (logs and inputs in fuzz/target/logs, fuzz/target/artifacts)"; exit 1; fi
+
+.PHONY: cargo-fuzz
+cargo-fuzz: toolchain ## install cargo-fuzz $(CARGO_FUZZ_VERSION) into .tools
+	@if [ "$$($(TOOLS)/bin/cargo-fuzz --version 2>/dev/null)" != "cargo-fuzz $(CARGO_FUZZ_VERSION)" ]; then \
+		echo "installing cargo-fuzz $(CARGO_FUZZ_VERSION) into $(TOOLS) (a minute, once)"; \
+		cargo install -q cargo-fuzz --locked --version $(CARGO_FUZZ_VERSION) --root $(TOOLS) \
+			|| { echo "cargo install cargo-fuzz failed; install it and put it in $(TOOLS)/bin"; exit 1; }; \
+	fi
 
 .PHONY: bench
 bench: envoy build ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)

@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshpatterns_fuzz::decide_rate_limiter(data));
