@@ -130,7 +130,31 @@ fn bucket_refills_at_the_configured_rate() {
 
 #[test]
 fn keys_policies_and_allowlist_are_isolated() {
-    let (_up, envoy) = start(
+    let (_up, envoy) = isolation(
+        r#"{
+  "allowlist": [{"headers": [{"name": "x-internal", "exact": "batch"}]}],
+  "policies": [
+    {"name": "api-key", "match": {"pathPrefixes": ["/api/"], "not": {"pathPrefixes": ["/api/health"]}}, "key": [{"header": "x-api-key"}], "rate": 1, "per": "hour", "burst": 3},
+    {"name": "per-client", "key": [{"clientAddress": {}}, "method"], "rate": 1, "per": "hour", "burst": 2}
+  ]
+}"#,
+    );
+    // The plugin is configured before Envoy starts its dispatch loop, so once
+    // that line is flushed (every few seconds), so would be any warning.
+    wait_for("Envoy's log", Duration::from_secs(30), || envoy.log().contains("starting main dispatch loop").then_some(()));
+    assert!(!envoy.log().contains("deprecated config fields"), "the shared match syntax is not deprecated");
+    // `not`: the api-key policy excludes /api/health, so the per-client policy
+    // (whose budget isolation() spent: 2 of 2) takes it.
+    let mut c = Client::new(envoy.port("ingress"));
+    assert_eq!(c.get("/api/health", &[("x-api-key", "carol")]).status, 429);
+    assert_eq!(c.get("/api/x", &[("x-api-key", "carol")]).status, 200);
+}
+
+/// The same config in the deprecated syntax (`pathPrefix`, a header's
+/// `value`) behaves the same and logs one warning naming each old field.
+#[test]
+fn the_deprecated_match_syntax_still_works_and_says_so() {
+    let (_up, envoy) = isolation(
         r#"{
   "allowlist": [{"headers": [{"name": "x-internal", "value": "batch"}]}],
   "policies": [
@@ -139,6 +163,15 @@ fn keys_policies_and_allowlist_are_isolated() {
   ]
 }"#,
     );
+    let want = "rate-limiter: deprecated config fields, read for this release only: `policies[0].match.pathPrefix` (use `policies[0].match.pathPrefixes`), `allowlist[0].headers[0].value` (use `allowlist[0].headers[0].exact`)";
+    // Envoy flushes its log file every few seconds.
+    wait_for("the deprecation warning in Envoy's log", Duration::from_secs(30), || envoy.log().contains(want).then_some(()));
+}
+
+/// Policies keyed apart, policies isolated from each other, and the
+/// allowlist, through Envoy; returns the Envoy for further checks.
+fn isolation(config: &str) -> (Upstream, Envoy) {
+    let (up, envoy) = start(config);
     let mut c = Client::new(envoy.port("ingress"));
     let statuses =
         |c: &mut Client, path: &str, h: &[(&str, &str)], n: usize| -> Vec<u16> { (0..n).map(|_| c.get(path, h).status).collect() };
@@ -162,6 +195,7 @@ fn keys_policies_and_allowlist_are_isolated() {
     stat("per-client.allowed", 3);
     stat("per-client.limited", 1);
     stat("allowlisted", 20);
+    (up, envoy)
 }
 
 /// Send `n` GETs with the same key from `threads` keep-alive connections; count 200s.

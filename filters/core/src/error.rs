@@ -312,3 +312,20 @@ mod tests {
         assert_eq!(e.to_string(), "invalid plugin config: field `keySources[1].pathRegex.group` has value 7; allowed: 0..=2");
     }
 }
+
+/// A deprecated field a config used: its path, and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deprecation {
+    pub old: String,
+    pub new: String,
+}
+
+/// One log line naming every deprecated field `filter`'s config used and its
+/// replacement; `None` when it used none.
+pub fn deprecation_warning(filter: &str, used: &[Deprecation]) -> Option<String> {
+    if used.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = used.iter().map(|d| format!("`{}` (use `{}`)", d.old, d.new)).collect();
+    Some(format!("{filter}: deprecated config fields, read for this release only: {}", list.join(", ")))
+}

@@ -22,28 +22,12 @@ use table::{place, take_shared, Shared};
 pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
 
 impl Match {
-    /// Whether every condition of the rule holds for `req`. Paths and header
-    /// values are compared as the bytes the client sent.
+    /// Whether the request is in the rule's scope (core's matcher: host,
+    /// normalised path, method, header bytes) and, when `clientCidrs` is
+    /// set, comes from one of its ranges.
     pub fn matches(&self, req: &dyn RequestView) -> bool {
-        if let Some(prefix) = &self.path_prefix {
-            let path = req.header_bytes(":path").unwrap_or_default();
-            let path = path.split(|b| *b == b'?' || *b == b'#').next().unwrap_or_default();
-            if !path.starts_with(prefix.as_bytes()) {
-                return false;
-            }
-        }
-        if !self.methods.is_empty() {
-            let m = req.method().unwrap_or_default();
-            if !self.methods.iter().any(|x| x.eq_ignore_ascii_case(&m)) {
-                return false;
-            }
-        }
-        for (name, want) in &self.headers {
-            match (req.header_bytes(name), want) {
-                (None, _) => return false,
-                (Some(v), Some(w)) if v.trim_ascii() != w.as_bytes() => return false,
-                _ => {}
-            }
+        if !self.scope.matches(req) {
+            return false;
         }
         if !self.client_cidrs.is_empty() {
             let ip: Option<IpAddr> = client_address(req, self.trusted_hops).and_then(|a| a.parse().ok());

@@ -91,6 +91,9 @@ impl Pattern for RateLimiter {
     type Config = Config;
     fn build(config: Config) -> Result<Self, ConfigError> {
         let settings = Settings::try_from_config(config)?;
+        if let Some(w) = settings.deprecation_warning() {
+            log::warn!("{w}");
+        }
         let layout = Layout { slots: settings.slots };
         // Every set exists before the first request (see logic::table).
         let seed = match prepare(&mut HostStore, layout, &mut fresh_seed) {

@@ -209,12 +209,7 @@ pub struct Override {
     pub(crate) secret: Vec<u8>,
 }
 
-/// A deprecated field the config used: (old path, what to write instead).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deprecation {
-    pub old: String,
-    pub new: String,
-}
+pub use meshpatterns_core::error::Deprecation;
 
 /// The validated runtime form of [`Config`].
 #[derive(Debug, Clone)]
@@ -233,11 +228,7 @@ impl Settings {
     /// One log line naming every deprecated field used and its replacement;
     /// `None` when the config uses none.
     pub fn deprecation_warning(&self) -> Option<String> {
-        if self.deprecated.is_empty() {
-            return None;
-        }
-        let list: Vec<String> = self.deprecated.iter().map(|d| format!("`{}` (use `{}`)", d.old, d.new)).collect();
-        Some(format!("experiment-splitter: deprecated config fields, read for this release only: {}", list.join(", ")))
+        meshpatterns_core::error::deprecation_warning("experiment-splitter", &self.deprecated)
     }
 }
 

@@ -5,8 +5,10 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use meshpatterns_core::error::ConfigError;
+pub use meshpatterns_core::error::Deprecation;
 use meshpatterns_core::key::{KeySourceConfig, MAX_TRUSTED_HOPS};
-use meshpatterns_core::{names, KeySource};
+use meshpatterns_core::scope::{HeaderCondition, MatchConfig as ScopeConfig, Matcher};
+use meshpatterns_core::KeySource;
 use serde::Deserialize;
 
 use super::bucket::{BucketParams, COST_MILLI};
@@ -121,34 +123,55 @@ impl Unit {
     }
 }
 
-/// Conditions on a request, all of which must hold (an empty rule matches everything).
+/// Conditions on a request, all of which must hold (an empty rule matches
+/// everything): core's shared `match` block (`hosts`, `pathPrefixes`,
+/// `methods`, `headers`, `not`) plus the client address ranges only the rate
+/// limiter needs.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MatchConfig {
-    /// The path (without query) starts with this.
+    /// Authorities without port: `example.com` or `*.example.com`.
     #[serde(default)]
-    pub path_prefix: Option<String>,
+    pub hosts: Vec<String>,
+    /// Prefixes of the normalised path, each starting with `/`.
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
     /// The method is one of these.
     #[serde(default)]
     pub methods: Vec<String>,
-    /// Every listed header is present (and equals `value` when given).
+    /// Header conditions, all of which must hold: present (default), absent
+    /// (`present: false`) or equal to `exact`.
     #[serde(default)]
     pub headers: Vec<HeaderMatchConfig>,
+    /// Requests matching this block are excluded.
+    #[serde(default)]
+    pub not: Option<Box<ScopeConfig>>,
     /// The client address is in one of these CIDR ranges.
     #[serde(default)]
     pub client_cidrs: Vec<String>,
     /// X-Forwarded-For hops trusted when finding the client address for `clientCidrs`.
     #[serde(default)]
     pub trusted_hops: u32,
+    /// Deprecated: one prefix of the path; use `pathPrefixes`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("deprecated" = true)))]
+    pub path_prefix: Option<String>,
 }
 
+/// A header condition of a rate-limiter `match` block.
 #[derive(Debug, Clone, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatchConfig {
     pub name: String,
     #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+    /// Deprecated: use `exact`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("deprecated" = true)))]
     pub value: Option<String>,
 }
 
@@ -230,32 +253,56 @@ impl Cidr {
 /// A validated match rule.
 #[derive(Debug, Clone, Default)]
 pub struct Match {
-    pub path_prefix: Option<String>,
-    pub methods: Vec<String>,
-    pub headers: Vec<(String, Option<String>)>,
+    pub scope: Matcher,
     pub client_cidrs: Vec<Cidr>,
     pub trusted_hops: usize,
 }
 
 impl Match {
-    fn try_from_config(c: &MatchConfig) -> Result<Match, ConfigError> {
+    /// Validate; errors name the field relative to the block. The deprecated
+    /// fields it uses are added to `deprecated` (relative too).
+    fn try_from_config(c: &MatchConfig, deprecated: &mut Vec<Deprecation>) -> Result<Match, ConfigError> {
+        let mut path_prefixes = c.path_prefixes.clone();
         if let Some(p) = &c.path_prefix {
-            if !p.starts_with('/') || p.contains(['?', '#']) {
-                return Err(ConfigError::new("pathPrefix", format!("{p:?}"), "a path starting with '/' without '?' or '#'"));
+            if !c.path_prefixes.is_empty() {
+                return Err(ConfigError::new("pathPrefix", format!("{p:?}"), "absent when `pathPrefixes` is set (it replaces it)"));
             }
-        }
-        let mut methods = Vec::new();
-        for (i, m) in c.methods.iter().enumerate() {
-            if !names::is_token(m) {
-                return Err(ConfigError::new(format!("methods[{i}]"), format!("{m:?}"), "an HTTP method such as GET or POST"));
-            }
-            methods.push(m.to_ascii_uppercase());
+            path_prefixes.push(p.clone());
+            deprecated.push(Deprecation { old: "pathPrefix".into(), new: "pathPrefixes".into() });
         }
         let mut headers = Vec::new();
         for (i, h) in c.headers.iter().enumerate() {
-            let name = names::header_name("name", &h.name).map_err(|e| e.at(&format!("headers[{i}]")))?;
-            headers.push((name, h.value.clone()));
+            let exact = match (&h.value, &h.exact) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::new(
+                        format!("headers[{i}].value"),
+                        "set together with exact",
+                        "`exact` alone (`value` is its old name)",
+                    ))
+                }
+                (Some(v), None) => {
+                    deprecated.push(Deprecation { old: format!("headers[{i}].value"), new: format!("headers[{i}].exact") });
+                    Some(v.clone())
+                }
+                (None, e) => e.clone(),
+            };
+            headers.push(HeaderCondition { name: h.name.clone(), exact, present: h.present });
         }
+        let scope = ScopeConfig {
+            hosts: c.hosts.clone(),
+            path_prefixes,
+            // Methods were compared without regard to case: keep accepting `get`.
+            methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            headers,
+            not: c.not.clone(),
+        };
+        let scope = Matcher::try_new(&scope).map_err(|e| {
+            if e.field.starts_with("pathPrefixes") && c.path_prefix.is_some() {
+                ConfigError { field: "pathPrefix".into(), ..e }
+            } else {
+                e
+            }
+        })?;
         let mut client_cidrs = Vec::new();
         for (i, s) in c.client_cidrs.iter().enumerate() {
             let cidr = Cidr::parse(s).ok_or_else(|| {
@@ -270,11 +317,11 @@ impl Match {
         if c.trusted_hops > MAX_TRUSTED_HOPS {
             return Err(ConfigError::new("trustedHops", c.trusted_hops, format!("0..={MAX_TRUSTED_HOPS}")));
         }
-        Ok(Match { path_prefix: c.path_prefix.clone(), methods, headers, client_cidrs, trusted_hops: c.trusted_hops as usize })
+        Ok(Match { scope, client_cidrs, trusted_hops: c.trusted_hops as usize })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.path_prefix.is_none() && self.methods.is_empty() && self.headers.is_empty() && self.client_cidrs.is_empty()
+        self.scope.is_empty() && self.client_cidrs.is_empty()
     }
 }
 
@@ -307,6 +354,16 @@ pub struct Settings {
     pub replicas: u32,
     pub limited: LimitedResponse,
     pub ietf_headers: bool,
+    /// Deprecated fields this config used, for one warning at configure.
+    pub deprecated: Vec<Deprecation>,
+}
+
+impl Settings {
+    /// One log line naming every deprecated field used and its replacement;
+    /// `None` when the config uses none.
+    pub fn deprecation_warning(&self) -> Option<String> {
+        meshpatterns_core::error::deprecation_warning("rate-limiter", &self.deprecated)
+    }
 }
 
 fn policy_name(field: &str, n: &str) -> Result<String, ConfigError> {
@@ -352,8 +409,14 @@ impl Settings {
         }
         let mut seen = BTreeSet::new();
         let mut policies = Vec::new();
+        let mut deprecated = Vec::new();
         for (i, p) in c.policies.iter().enumerate() {
-            let policy = compile_policy(p, c.replicas, c.shadow).map_err(|e| e.at(&format!("policies[{i}]")))?;
+            let mut used = Vec::new();
+            let policy = compile_policy(p, c.replicas, c.shadow, &mut used).map_err(|e| e.at(&format!("policies[{i}]")))?;
+            deprecated.extend(
+                used.into_iter()
+                    .map(|d| Deprecation { old: format!("policies[{i}].match.{}", d.old), new: format!("policies[{i}].match.{}", d.new) }),
+            );
             if !seen.insert(policy.name.clone()) {
                 return Err(ConfigError::new(format!("policies[{i}].name"), format!("{:?}", policy.name), "a name no other policy uses"));
             }
@@ -361,12 +424,17 @@ impl Settings {
         }
         let mut allowlist = Vec::new();
         for (i, m) in c.allowlist.iter().enumerate() {
-            let rule = Match::try_from_config(m).map_err(|e| e.at(&format!("allowlist[{i}]")))?;
+            let mut used = Vec::new();
+            let rule = Match::try_from_config(m, &mut used).map_err(|e| e.at(&format!("allowlist[{i}]")))?;
+            deprecated.extend(
+                used.into_iter()
+                    .map(|d| Deprecation { old: format!("allowlist[{i}].{}", d.old), new: format!("allowlist[{i}].{}", d.new) }),
+            );
             if rule.is_empty() {
                 return Err(ConfigError::new(
                     format!("allowlist[{i}]"),
                     "{}",
-                    "at least one of pathPrefix, methods, headers, clientCidrs (an empty rule would allow everyone)",
+                    "at least one of hosts, pathPrefixes, methods, headers, not, clientCidrs (an empty rule would allow everyone)",
                 ));
             }
             allowlist.push(rule);
@@ -379,13 +447,14 @@ impl Settings {
             replicas: c.replicas,
             limited: LimitedResponse { status, grpc_status, body },
             ietf_headers: c.ietf_headers,
+            deprecated,
         })
     }
 }
 
-fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool) -> Result<Policy, ConfigError> {
+fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mut Vec<Deprecation>) -> Result<Policy, ConfigError> {
     let name = policy_name("name", &p.name)?;
-    let matcher = Match::try_from_config(&p.matcher).map_err(|e| e.at("match"))?;
+    let matcher = Match::try_from_config(&p.matcher, deprecated).map_err(|e| e.at("match"))?;
     if p.key.is_empty() || p.key.len() > MAX_KEY_PARTS {
         return Err(ConfigError::new("key", format!("{} parts", p.key.len()), format!("1..={MAX_KEY_PARTS} key sources, combined")));
     }
@@ -516,5 +585,41 @@ mod tests {
         assert!(!v6.contains(&"10.0.0.1".parse().unwrap()));
         assert_eq!(Cidr::parse("127.0.0.1"), Some(Cidr { addr: "127.0.0.1".parse().unwrap(), prefix: 32 }));
         assert!(Cidr::parse("1.2.3.4/x").is_none() && Cidr::parse("::1/129").is_none() && Cidr::parse("host").is_none());
+    }
+
+    #[test]
+    fn policy_match_is_the_core_matcher_and_the_old_names_still_read() {
+        let pol = |m: &str| format!(r#"{{"policies":[{{"name":"p","match":{m},"key":["path"],"rate":1}}]}}"#);
+        // The shared syntax: no deprecation.
+        let s = settings(&pol(r#"{"hosts":["api.example.com"],"pathPrefixes":["/api/"],"headers":[{"name":"x-k","exact":"v"}],"not":{"methods":["OPTIONS"]}}"#)).unwrap();
+        assert_eq!(s.deprecation_warning(), None);
+        assert!(!s.policies[0].matcher.is_empty());
+        // The old names: read, translated, reported with their full paths.
+        let s = settings(&pol(r#"{"pathPrefix":"/api/","methods":["get"],"headers":[{"name":"x-k","value":"v"}]}"#)).unwrap();
+        assert_eq!(
+            s.deprecated,
+            vec![
+                Deprecation { old: "policies[0].match.pathPrefix".into(), new: "policies[0].match.pathPrefixes".into() },
+                Deprecation { old: "policies[0].match.headers[0].value".into(), new: "policies[0].match.headers[0].exact".into() },
+            ]
+        );
+        let w = s.deprecation_warning().unwrap();
+        assert!(
+            w.starts_with("rate-limiter: deprecated config fields")
+                && w.contains("`policies[0].match.pathPrefix` (use `policies[0].match.pathPrefixes`)"),
+            "{w}"
+        );
+        let s = settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1}],"allowlist":[{"headers":[{"name":"x-i","value":"b"}]}]}"#)
+            .unwrap();
+        assert_eq!(s.deprecated[0].old, "allowlist[0].headers[0].value");
+        // Old and new names together are refused, naming the old one.
+        assert_eq!(err(&pol(r#"{"pathPrefix":"/a","pathPrefixes":["/b"]}"#)).field, "policies[0].match.pathPrefix");
+        assert_eq!(err(&pol(r#"{"headers":[{"name":"x","value":"a","exact":"b"}]}"#)).field, "policies[0].match.headers[0].value");
+        // The core matcher's own checks, with the policy's path.
+        assert_eq!(err(&pol(r#"{"hosts":["a.com:80"]}"#)).field, "policies[0].match.hosts[0]");
+        assert_eq!(err(&pol(r#"{"not":{"not":{}}}"#)).field, "policies[0].match.not.not");
+        // An allowlist rule must say something; `not` alone does (all but ...).
+        assert_eq!(err(r#"{"policies":[{"name":"p","key":["path"],"rate":1}],"allowlist":[{}]}"#).field, "allowlist[0]");
+        assert!(settings(r#"{"policies":[{"name":"p","key":["path"],"rate":1}],"allowlist":[{"not":{"methods":["GET"]}}]}"#).is_ok());
     }
 }
