@@ -64,8 +64,11 @@ struct Spec {
     /// Whether 429 is an intended answer here.
     limits: bool,
     /// Path and headers of the request for key `k`.
-    request: fn(u64) -> (String, Vec<(String, String)>),
+    request: fn(u64) -> Request,
 }
+
+/// A request's path and headers.
+type Request = (String, Vec<(String, String)>);
 
 fn user(k: u64) -> Vec<(String, String)> {
     vec![("x-user-id".into(), format!("user-{k}"))]
@@ -158,12 +161,16 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-    /// A key: one request in four to a hot key, the rest spread over all.
-    fn key(&mut self) -> u64 {
+    /// A key: one request in four to a hot key; the others walk through
+    /// all keys (`walk` is the thread's position; the threads of a module
+    /// start apart and step by their number, so together they visit every
+    /// key once per round).
+    fn key(&mut self, walk: &mut u64, stride: u64) -> u64 {
         if self.below(4) == 0 {
             self.below(HOT_KEYS)
         } else {
-            self.below(KEYS)
+            *walk += stride;
+            *walk % KEYS
         }
     }
 }
@@ -230,7 +237,7 @@ fn ecds_version(filter: &str, body: &[String], v: u64) -> String {
 /// (default 5; 0 for none).
 fn is_invalid(v: u64) -> bool {
     let every = env_u64("SOAK_INVALID_EVERY", 5);
-    every > 0 && v % every == 0
+    every > 0 && v.is_multiple_of(every)
 }
 
 /// What the clients of one module saw.
@@ -303,17 +310,19 @@ fn abort(port: u16, how: usize, path: &str, headers: &[(String, String)]) {
     };
 }
 
-fn client_thread(spec: &'static Spec, port: u16, seed: u64, stop: Arc<AtomicBool>, progress: Arc<AtomicU64>) -> Counts {
-    let mut rng = Rng(seed | 1);
+/// The `thread`th of `threads` clients of one module.
+fn client_thread(spec: &'static Spec, port: u16, (thread, threads): (u64, u64), stop: Arc<AtomicBool>, progress: Arc<AtomicU64>) -> Counts {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(1 + thread) | 1);
+    let mut walk = thread + KEYS - threads;
     let mut c = Counts { keys: vec![false; KEYS as usize], ..Counts::default() };
     let mut client = Client::new(port);
     let mut left = 1 + rng.below(40);
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let key = rng.key();
+        let key = rng.key(&mut walk, threads);
         let (path, headers) = (spec.request)(key);
-        if n % 50 == 0 {
+        if n.is_multiple_of(50) {
             let how = ((n / 50) % 4) as usize;
             abort(port, how, &path, &headers);
             c.aborts[how] += 1;
@@ -444,8 +453,7 @@ fn main() {
         let port = r.envoy.port("ingress");
         for t in 0..clients {
             let (spec, stop, progress) = (r.spec, stop.clone(), r.progress.clone());
-            let seed = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(1 + m as u64 * 64 + t);
-            threads.push((m, std::thread::spawn(move || client_thread(spec, port, seed, stop, progress))));
+            threads.push((m, std::thread::spawn(move || client_thread(spec, port, (t, clients), stop, progress))));
         }
     }
 
