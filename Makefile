@@ -140,7 +140,7 @@ bench: envoy build ## benchmark every filter against baseline, empty filter and 
 SOAK_SECONDS ?= 600
 
 .PHONY: soak
-soak: toolchain envoy build ## $(SOAK_SECONDS) s of saturation through every module: RSS every 10 s, non-2xx, reloads (SOAK_SECONDS=60 for a short run)
+soak: toolchain envoy build ## SOAK_SECONDS (600) of saturation through every module at once: RSS every 10 s, non-2xx, reloads (RELIABILITY.md)
 	SOAK_SECONDS=$(SOAK_SECONDS) cargo run -q --release -p meshpatterns-tests --bin soak
 
 # OCI images for Istio (tests/oci/build.py; see istio/README.md). The tag is the
