@@ -95,6 +95,12 @@ impl DynamicFilter {
         write_atomically(&self.dir, &self.file(), &self.resource(plugin_json, version));
     }
 
+    /// The plugin config (`configuration.value` of the `Wasm` message) as
+    /// shipped, before any [`DynamicFilter::publish`]; "" when it has none.
+    pub fn shipped_config(&self) -> &str {
+        self.wasm["config"]["configuration"]["value"].as_str().unwrap_or("")
+    }
+
     /// The plugin's name (`config.name` of the `Wasm` message), as Envoy's
     /// wasm log lines name it.
     pub fn plugin_name(&self) -> &str {
@@ -112,6 +118,12 @@ impl DynamicFilter {
 /// file already holds `plugin_json` at version 1 in a fresh watched directory.
 /// Panics unless the config has exactly one wasm HTTP filter.
 pub fn dynamic_filter(rendered: &str, plugin_json: &str) -> (String, DynamicFilter) {
+    dynamic_filter_with(rendered, |_| plugin_json.to_string())
+}
+
+/// [`dynamic_filter`] with version 1 derived from the shipped plugin config:
+/// `v1(shipped)` is published (each call has its own watched directory).
+pub fn dynamic_filter_with(rendered: &str, v1: impl FnOnce(&str) -> String) -> (String, DynamicFilter) {
     let mut doc: serde_json::Value =
         serde_norway::from_str(rendered).unwrap_or_else(|e| panic!("the rendered Envoy config is not YAML: {e}"));
     let dir = paths::scratch("xds").join("watched");
@@ -125,7 +137,7 @@ pub fn dynamic_filter(rendered: &str, plugin_json: &str) -> (String, DynamicFilt
         doc["node"] = serde_json::json!({"id": "meshpatterns-test", "cluster": "meshpatterns"});
     }
     let filter = DynamicFilter { dir, name, wasm };
-    filter.publish(plugin_json, 1);
+    filter.publish(&v1(filter.shipped_config()), 1);
     let bootstrap = serde_norway::to_string(&doc).unwrap_or_else(|e| panic!("cannot write YAML: {e}"));
     (bootstrap, filter)
 }

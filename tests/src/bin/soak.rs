@@ -5,7 +5,7 @@
 //! shard-router, metrics-adapter and the `meshpatterns` pipeline), each on
 //! its shipped config from `envoy/`, all running at the same time in front of
 //! real upstream servers. The module's config arrives by ECDS from a watched
-//! file (the way `envoy/dynamic-config.yaml` does it for consistent-hash),
+//! file (`xds::dynamic_filter_with`, as in `tests/tests/rejected_config.rs`),
 //! so that it can be reloaded while traffic flows. Then, for `SOAK_SECONDS`
 //! (default 600):
 //!
@@ -35,28 +35,24 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshpatterns_tests::upstream::Reply;
-use meshpatterns_tests::xds::write_atomically;
+use meshpatterns_tests::xds::{dynamic_filter_with, DynamicFilter};
 use meshpatterns_tests::{paths, Client, Envoy, EnvoyBuilder, Upstream};
 
 const KEYS: u64 = 100_000;
 const HOT_KEYS: u64 = 5;
 const SAMPLE: Duration = Duration::from_secs(10);
 const RSS_BOUND: f64 = 0.05;
-const ECDS_FILE: &str = "filter.yaml";
 
 /// One module under soak.
 struct Spec {
     /// Short name for the tables.
     name: &'static str,
     config: &'static str,
-    /// The name of the module's entry in `http_filters`.
-    filter: &'static str,
     /// `(placeholder, cluster, replicas)` per upstream cluster.
     clusters: &'static [(&'static str, &'static str, usize)],
     /// Edits of the shipped config.
@@ -78,7 +74,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "consistent-hash",
         config: "consistent-hash.yaml",
-        filter: "meshpatterns.consistent_hash",
         clusters: &[("REPLICAS", "replicas", 3)],
         replace: &[],
         limits: false,
@@ -87,7 +82,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "experiment-splitter",
         config: "experiment-splitter.yaml",
-        filter: "meshpatterns.experiment_splitter",
         clusters: &[("CONTROL", "control", 1), ("TREATMENT", "treatment", 1)],
         replace: &[],
         limits: false,
@@ -96,7 +90,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "rate-limiter",
         config: "rate-limiter.yaml",
-        filter: "meshpatterns.rate_limiter",
         clusters: &[("APP", "app", 1)],
         // 1 per second with bursts of 2 per API key: the hot keys are
         // limited, the 100,000 others (a few requests each) hardly ever;
@@ -111,7 +104,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "shard-router",
         config: "shard-router.yaml",
-        filter: "meshpatterns.shard_router",
         clusters: &[("SHARD_A", "shard_a", 1), ("SHARD_B", "shard_b", 1), ("SHARD_C", "shard_c", 1)],
         // Health checks that wait 5 s, not 0.5 s: on a machine saturated
         // by the soak itself the upstream threads answer late, and with
@@ -124,7 +116,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "metrics-adapter",
         config: "metrics-adapter.yaml",
-        filter: "meshpatterns.metrics_adapter",
         clusters: &[("APP", "app", 1)],
         replace: &[],
         limits: false,
@@ -134,7 +125,6 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "meshpatterns",
         config: "meshpatterns.yaml",
-        filter: "meshpatterns.pipeline",
         clusters: &[("CONTROL", "control", 2), ("TREATMENT", "treatment", 2)],
         replace: &[],
         limits: true,
@@ -175,69 +165,23 @@ impl Rng {
     }
 }
 
-/// The rendered config with the module's filter taken out into an ECDS
-/// resource: `(envoy config, filter's typed_config lines relative to their
-/// parent)`.
-fn split_ecds(rendered: &str, filter: &str, xds_dir: &Path) -> (String, Vec<String>) {
-    let lines: Vec<&str> = rendered.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let at = lines.iter().position(|l| l.trim() == format!("- name: {filter}")).unwrap_or_else(|| panic!("no http filter {filter}"));
-    let pad = indent(lines[at]) + 2;
-    assert_eq!(lines[at + 1].trim(), "typed_config:", "{filter}: typed_config must follow its name");
-    let mut end = at + 2;
-    while end < lines.len() && (lines[end].trim().is_empty() || indent(lines[end]) > pad) {
-        end += 1;
-    }
-    let body: Vec<String> = lines[at + 2..end].iter().map(|l| l.get(pad + 2..).unwrap_or("").to_string()).collect();
-    let p = " ".repeat(pad);
-    let dir = xds_dir.display();
-    let discovery = [
-        format!("{p}config_discovery:"),
-        format!("{p}  config_source:"),
-        format!("{p}    path_config_source:"),
-        format!("{p}      path: \"{dir}/{ECDS_FILE}\""),
-        format!("{p}      watched_directory: {{path: \"{dir}\"}}"),
-        format!("{p}  type_urls: [\"type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm\"]"),
-    ];
-    let mut out: Vec<String> = Vec::new();
-    if !rendered.lines().any(|l| l.starts_with("node:")) {
-        out.push("node: {id: meshpatterns-soak, cluster: meshpatterns}".into());
-    }
-    out.extend(lines[..=at].iter().map(|l| l.to_string()));
-    out.extend(discovery);
-    out.extend(lines[end..].iter().map(|l| l.to_string()));
-    (out.join("\n") + "\n", body)
-}
-
-/// The ECDS resource file, version `v`: valid versions differ from one
-/// another by trailing spaces after the plugin config's JSON (a new config
-/// to Envoy, the same to the filter); every fifth is invalid JSON.
-fn ecds_version(filter: &str, body: &[String], v: u64) -> String {
-    let mut body = body.to_vec();
-    let last = body.iter().rposition(|l| !l.trim().is_empty()).unwrap_or(0);
+/// The module's plugin config at version `v`: valid versions differ from
+/// one another by trailing spaces after the shipped JSON (a new config to
+/// Envoy, the same to the filter); every fifth is invalid JSON.
+fn plugin_version(shipped: &str, v: u32) -> String {
+    let shipped = shipped.trim_end();
     if is_invalid(v) {
-        body[last].push_str(" }");
+        format!("{shipped} }}")
     } else {
-        body[last].push_str(&" ".repeat((v % 4) as usize));
+        format!("{shipped}{}", " ".repeat((v % 4) as usize))
     }
-    let mut out = format!(
-        "version_info: \"{v}\"\nresources:\n- \"@type\": type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig\n  name: {filter}\n  typed_config:\n"
-    );
-    for l in body {
-        if !l.is_empty() {
-            out.push_str("    ");
-            out.push_str(&l);
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Whether version `v` is an invalid config: every `SOAK_INVALID_EVERY`th
 /// (default 5; 0 for none).
-fn is_invalid(v: u64) -> bool {
+fn is_invalid(v: u32) -> bool {
     let every = env_u64("SOAK_INVALID_EVERY", 5);
-    every > 0 && v.is_multiple_of(every)
+    every > 0 && u64::from(v).is_multiple_of(every)
 }
 
 /// What the clients of one module saw.
@@ -365,8 +309,8 @@ struct Running {
     _ups: Vec<Upstream>,
     envoy: Envoy,
     process: (u32, u64),
-    xds_dir: PathBuf,
-    body: Vec<String>,
+    /// The module's filter, its config moved into a watched ECDS file.
+    filter: DynamicFilter,
     /// ECDS update counters after start: (success, rejected).
     base: (u64, u64),
     progress: Arc<AtomicU64>,
@@ -374,7 +318,7 @@ struct Running {
 
 impl Running {
     fn ecds_stat(&self, what: &str) -> u64 {
-        self.envoy.stat(&format!("extension_config_discovery.http_filter.{}.{what}", self.spec.filter))
+        self.envoy.stat(&self.filter.stat(what))
     }
 }
 
@@ -390,16 +334,13 @@ fn start(spec: &'static Spec, concurrency: u32) -> Running {
     for (from, to) in spec.replace {
         b = b.replace(from, to);
     }
-    let xds_dir = paths::scratch("soak-xds").join("watched");
-    std::fs::create_dir_all(&xds_dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", xds_dir.display()));
-    let (config, body) = split_ecds(&b.render(), spec.filter, &xds_dir);
-    write_atomically(&xds_dir, ECDS_FILE, &ecds_version(spec.filter, &body, 1));
+    let (config, filter) = dynamic_filter_with(&b.render(), |shipped| plugin_version(shipped, 1));
     let envoy = EnvoyBuilder::from_template(spec.config, &config).concurrency(concurrency).start();
     for (_, cluster, n) in spec.clusters {
         envoy.wait_healthy(cluster, *n);
     }
     let process = envoy.process();
-    let mut r = Running { spec, _ups: ups, envoy, process, xds_dir, body, base: (0, 0), progress: Arc::new(AtomicU64::new(0)) };
+    let mut r = Running { spec, _ups: ups, envoy, process, filter, base: (0, 0), progress: Arc::new(AtomicU64::new(0)) };
     r.base = (r.ecds_stat("update_success"), r.ecds_stat("update_rejected"));
     r
 }
@@ -460,7 +401,7 @@ fn main() {
     // Samples every 10 s (t = 0 as the load starts); reloads in between.
     let began = Instant::now();
     let mut samples: Vec<(u64, Vec<u64>)> = Vec::new();
-    let mut version = 1u64;
+    let mut version = 1u32;
     let (mut valid, mut invalid) = (0u64, 0u64);
     let mut next_reload = reload_every;
     let mut last_done: Vec<u64> = vec![0; running.len()];
@@ -471,7 +412,7 @@ fn main() {
             if now >= next_reload && next_reload + 10 <= seconds {
                 version += 1;
                 for r in &running {
-                    write_atomically(&r.xds_dir, ECDS_FILE, &ecds_version(r.spec.filter, &r.body, version));
+                    r.filter.publish(&plugin_version(r.filter.shipped_config(), version), version);
                 }
                 if is_invalid(version) {
                     invalid += 1;
