@@ -69,7 +69,12 @@ fn config_target(filter: &str, stage_key: Option<&str>, data: &[u8]) {
         let again = outcome(meshpatterns::parse_module(filter, &text));
         // Same verdict, same field; the value text may differ in a float's
         // last digit (serde_json reads floats fast, not correctly rounded).
-        assert_eq!(first.as_ref().map_err(|e| &e.field), again.as_ref().map_err(|e| &e.field), "re-serialised config parses differently: {}", String::from_utf8_lossy(&text));
+        assert_eq!(
+            first.as_ref().map_err(|e| &e.field),
+            again.as_ref().map_err(|e| &e.field),
+            "re-serialised config parses differently: {}",
+            String::from_utf8_lossy(&text)
+        );
     }
     // A pattern's config and the same object as the only stage of the
     // pipeline are accepted alike; the pipeline's error is the same error
@@ -588,10 +593,7 @@ pub fn core_xff(data: &[u8]) {
     };
     let mut pairs = vec![(b"x-forwarded-for".to_vec(), header.clone())];
     pairs.push((b":path".to_vec(), b"/".to_vec()));
-    let view = View {
-        map: HeaderMap::parse(meshpatterns_host::abi::serialize_pairs(&pairs)),
-        source: x.source.as_ref().map(Addr::text),
-    };
+    let view = View { map: HeaderMap::parse(meshpatterns_host::abi::serialize_pairs(&pairs)), source: x.source.as_ref().map(Addr::text) };
     let hops = usize::from(x.hops) % (MAX_TRUSTED_HOPS as usize + 2);
     let got = client_address(&view, hops);
     assert_eq!(got, client_address(&view, hops));
