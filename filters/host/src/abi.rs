@@ -9,7 +9,10 @@
 pub type Status = u32;
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
+pub const BAD_ARGUMENT: u32 = 2;
 pub const CAS_MISMATCH: u32 = 8;
+/// Not a host status: the module cannot do this (no gRPC callbacks exported).
+pub const UNSUPPORTED: u32 = 12;
 
 /// Header maps (proxy-wasm `MapType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +111,7 @@ mod ffi {
             timeout_ms: u32,
             token: *mut u32,
         ) -> u32;
+        pub fn proxy_grpc_cancel(token: u32) -> u32;
     }
 }
 
@@ -206,6 +210,9 @@ mod ffi {
         _: u32,
         _: *mut u32,
     ) -> u32 {
+        1
+    }
+    pub unsafe fn proxy_grpc_cancel(_: u32) -> u32 {
         1
     }
 }
@@ -476,17 +483,20 @@ pub fn set_effective_context(id: u32) -> Result<(), Status> {
     status(unsafe { ffi::proxy_set_effective_context(id) })
 }
 
-/// Start a unary gRPC call to `cluster`; the answer arrives through the
-/// module's `proxy_on_grpc_*` exports with the returned token.
-pub fn dispatch_grpc_call(cluster: &str, service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, Status> {
-    // An upstream is a serialized GrpcService; a bare cluster name is accepted by Envoy too.
+/// Start a unary gRPC call; the answer arrives on the root context through
+/// the module's `proxy_on_grpc_receive` / `proxy_on_grpc_close` exports with
+/// the returned token (unique in this VM). `upstream` is a serialized
+/// `envoy.config.core.v3.GrpcService` (Envoy reads it as a bare cluster
+/// name only if it does not parse as one). Envoy ends the call with
+/// DEADLINE_EXCEEDED after `timeout_ms`.
+pub fn dispatch_grpc_call(upstream: &[u8], service: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, Status> {
     let metadata = serialize_headers(&[]);
     let mut token = 0u32;
     // SAFETY: borrowed slices and a live local, valid for the call.
     let s = unsafe {
         ffi::proxy_dispatch_grpc_call(
-            cluster.as_ptr(),
-            cluster.len(),
+            upstream.as_ptr(),
+            upstream.len(),
             service.as_ptr(),
             service.len(),
             method.as_ptr(),
@@ -500,6 +510,12 @@ pub fn dispatch_grpc_call(cluster: &str, service: &str, method: &str, message: &
         )
     };
     status(s).map(|()| token)
+}
+
+/// Cancel a gRPC call in flight (its stream is gone); no callback follows.
+pub fn grpc_cancel(token: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    status(unsafe { ffi::proxy_grpc_cancel(token) })
 }
 
 #[cfg(test)]

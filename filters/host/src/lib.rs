@@ -14,7 +14,7 @@ pub mod headers;
 pub mod stage;
 pub mod vm;
 
-pub use stage::{Body, BodyFlow, Flow, HttpCallResponse, LocalReply, Pattern, Pipeline, Request, Response, Stage};
+pub use stage::{Body, BodyFlow, Flow, GrpcResponse, HttpCallResponse, LocalReply, Pattern, Pipeline, Request, Response, Stage};
 
 use std::cell::Cell;
 

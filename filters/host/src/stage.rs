@@ -25,6 +25,12 @@ pub enum Flow {
     Continue,
     /// Answer locally; later stages do not run.
     Reply(LocalReply),
+    /// Hold the request until a gRPC call the stage dispatched
+    /// ([`Request::dispatch_grpc_call`]) ends; the stage then decides in
+    /// [`Stage::on_grpc_response`] and later stages run after it. Only
+    /// return it when the dispatch succeeded (Envoy ends every call it
+    /// started: with the answer, an error, or the timeout).
+    Pause,
 }
 
 /// A local answer. `grpc_status` is what a gRPC client receives (8
@@ -64,6 +70,11 @@ pub struct Request<'a> {
     context_id: u32,
     source: OnceCell<Option<String>>,
     now: OnceCell<u64>,
+    /// gRPC calls dispatched for this stream.
+    calls: Vec<u32>,
+    /// Whether the module exports the gRPC callbacks (else no call is made:
+    /// its answer could never arrive).
+    pub(crate) grpc: bool,
 }
 
 impl<'a> Request<'a> {
@@ -77,7 +88,35 @@ impl<'a> Request<'a> {
             context_id,
             source: OnceCell::new(),
             now: OnceCell::new(),
+            calls: Vec::new(),
+            grpc: false,
         }
+    }
+
+    /// Start a unary gRPC call for this stream (`upstream`: a serialized
+    /// GrpcService, see [`abi::dispatch_grpc_call`]); return [`Flow::Pause`]
+    /// after it succeeds. Its end reaches [`Stage::on_grpc_response`] with
+    /// the returned token. Fails with [`abi::UNSUPPORTED`] in a module that
+    /// does not export the gRPC callbacks.
+    pub fn dispatch_grpc_call(
+        &mut self,
+        upstream: &[u8],
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, abi::Status> {
+        if !self.grpc {
+            return Err(abi::UNSUPPORTED);
+        }
+        let token = abi::dispatch_grpc_call(upstream, service, method, message, timeout_ms)?;
+        self.calls.push(token);
+        Ok(token)
+    }
+
+    /// The gRPC calls dispatched so far (taken).
+    pub(crate) fn take_calls(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.calls)
     }
 
     /// The stream's context id (unique per VM; used to mint ids if the CSPRNG fails).
@@ -324,6 +363,17 @@ impl HttpCallResponse {
     }
 }
 
+/// How a gRPC call a stage dispatched ended (see [`Request::dispatch_grpc_call`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcResponse {
+    pub token: u32,
+    /// 0 when the service answered; else the gRPC status the call failed
+    /// with (4 DEADLINE_EXCEEDED after the timeout, 14 UNAVAILABLE ...).
+    pub status: u32,
+    /// The answer's message (empty when it failed).
+    pub message: Vec<u8>,
+}
+
 /// A chunk of the response body.
 pub struct Body {
     pub size: usize,
@@ -366,6 +416,12 @@ pub trait Stage {
     /// The answer to an HTTP call dispatched for this stream (by any stage:
     /// a stage checks `call.token` against the calls it made).
     fn on_http_call_response(&self, _call: &mut HttpCallResponse, _st: &mut Self::Stream) {}
+    /// A gRPC call this stage dispatched from `on_request` (and paused for)
+    /// ended; `req` is the held request. Returns how the request goes on,
+    /// or `None` if the token is not this stage's.
+    fn on_grpc_response(&self, _req: &mut Request<'_>, _call: &GrpcResponse, _st: &mut Self::Stream) -> Option<Flow> {
+        None
+    }
     /// Periodic work (flush batched counters).
     fn on_tick(&self) {}
 }
@@ -444,22 +500,39 @@ pub struct Pipeline<S> {
 /// Per-stream state of a pipeline: one slot per stage (`None`: out of scope).
 pub struct StreamState<S: Stage> {
     pub stages: Vec<Option<S::Stream>>,
+    /// The stage the request is held for (it returned [`Flow::Pause`]).
+    pub paused: Option<usize>,
 }
 
 impl<S: Stage> Default for StreamState<S> {
     fn default() -> Self {
-        StreamState { stages: Vec::new() }
+        StreamState { stages: Vec::new(), paused: None }
     }
+}
+
+/// How the request side ended for now.
+#[derive(Debug)]
+pub enum RequestOutcome {
+    Continue,
+    /// Send this local reply.
+    Reply(LocalReply),
+    /// Hold the request: a stage waits for a gRPC call.
+    Pause,
 }
 
 impl<S: Stage> Pipeline<S> {
     /// Run the request side; returns the local reply to send, if any. The
     /// caller sends it after releasing its own borrows (Envoy runs the
     /// response callbacks for a local reply before the send returns).
-    pub fn on_request(&self, req: &mut Request<'_>, st: &mut StreamState<S>) -> Option<LocalReply> {
-        let mut reply = None;
+    pub fn on_request(&self, req: &mut Request<'_>, st: &mut StreamState<S>) -> RequestOutcome {
         st.stages = Vec::with_capacity(self.stages.len());
-        for s in &self.stages {
+        st.paused = None;
+        self.run_from(0, None, req, st)
+    }
+
+    /// Run stages `start..` (the slots before `start` are filled).
+    fn run_from(&self, start: usize, mut reply: Option<LocalReply>, req: &mut Request<'_>, st: &mut StreamState<S>) -> RequestOutcome {
+        for (i, s) in self.stages.iter().enumerate().skip(start) {
             if s.scope.as_ref().is_some_and(|m| !m.matches(&*req)) {
                 if let Some(c) = &s.skipped {
                     c.inc();
@@ -471,12 +544,44 @@ impl<S: Stage> Pipeline<S> {
             let mut stream = S::Stream::default();
             if reply.is_some() {
                 s.stage.after_local_reply(req, &mut stream);
-            } else if let Flow::Reply(r) = s.stage.on_request(req, &mut stream) {
-                reply = Some(r);
+            } else {
+                match s.stage.on_request(req, &mut stream) {
+                    Flow::Continue => {}
+                    Flow::Reply(r) => reply = Some(r),
+                    Flow::Pause => {
+                        st.stages.push(Some(stream));
+                        st.paused = Some(i);
+                        return RequestOutcome::Pause;
+                    }
+                }
             }
             st.stages.push(Some(stream));
         }
-        reply
+        match reply {
+            Some(r) => RequestOutcome::Reply(r),
+            None => RequestOutcome::Continue,
+        }
+    }
+
+    /// A gRPC call ended for a held request: the stage that paused decides,
+    /// then the later stages run. `None` when the request is not held or
+    /// the stage does not know the token.
+    pub fn on_grpc_response(&self, req: &mut Request<'_>, call: &GrpcResponse, st: &mut StreamState<S>) -> Option<RequestOutcome> {
+        let i = st.paused?;
+        let s = self.stages.get(i)?;
+        let stream = st.stages.get_mut(i)?.as_mut()?;
+        req.record_state = s.filter_state;
+        let flow = s.stage.on_grpc_response(req, call, stream)?;
+        st.paused = None;
+        let reply = match flow {
+            Flow::Continue => None,
+            Flow::Reply(r) => Some(r),
+            Flow::Pause => {
+                st.paused = Some(i);
+                return Some(RequestOutcome::Pause);
+            }
+        };
+        Some(self.run_from(i + 1, reply, req, st))
     }
 
     pub fn on_response(&self, resp: &mut Response, st: &mut StreamState<S>) {

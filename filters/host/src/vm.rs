@@ -13,7 +13,9 @@ use meshpatterns_core::ConfigError;
 
 use crate::abi;
 use crate::headers::HeaderMap;
-use crate::stage::{Body, BodyFlow, HttpCallResponse, LocalReply, Pipeline, Request, Response, Stage, StreamState};
+use crate::stage::{
+    Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Stage, StreamState,
+};
 
 /// Envoy's filter status values.
 pub const CONTINUE: u32 = 0;
@@ -22,6 +24,8 @@ pub const PAUSE: u32 = 1;
 struct Stream<S: Stage> {
     root: Rc<Pipeline<S>>,
     state: StreamState<S>,
+    /// The request is held for a gRPC call (its body is buffered meanwhile).
+    held: bool,
 }
 
 /// The VM's roots and streams.
@@ -32,11 +36,22 @@ pub struct Vm<S: Stage> {
     streams: HashMap<u32, Stream<S>>,
     /// HTTP calls in flight: token -> the stream that dispatched it.
     calls: HashMap<u32, u32>,
+    /// gRPC calls in flight: token (unique in the VM) -> the stream.
+    grpc_calls: HashMap<u32, u32>,
+    /// Whether the module exports `proxy_on_grpc_receive`/`_close` (and
+    /// the request body callback that keeps a held request's body back).
+    grpc: bool,
 }
 
 impl<S: Stage> Vm<S> {
     pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
-        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new() }
+        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new(), grpc_calls: HashMap::new(), grpc: false }
+    }
+
+    /// The same, for a module that exports the gRPC callbacks.
+    pub fn with_grpc(mut self, grpc: bool) -> Vm<S> {
+        self.grpc = grpc;
+        self
     }
 
     /// `proxy_on_context_create`: a root (parent 0) or a stream of root `parent`.
@@ -46,7 +61,7 @@ impl<S: Stage> Vm<S> {
             return;
         }
         if let Some(root) = vm.roots.get(&parent).cloned() {
-            vm.streams.insert(id, Stream { root, state: StreamState::default() });
+            vm.streams.insert(id, Stream { root, state: StreamState::default(), held: false });
         }
     }
 
@@ -80,24 +95,95 @@ impl<S: Stage> Vm<S> {
 
     /// `proxy_on_request_headers`.
     pub fn request_headers(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
-        let reply = {
+        let outcome = {
             let mut guard = vm.borrow_mut();
+            let grpc = guard.grpc;
             let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
             let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
             let mut req = Request::new(&headers, id);
+            req.grpc = grpc;
             let root = Rc::clone(&stream.root);
-            let reply = root.on_request(&mut req, &mut stream.state);
+            let outcome = root.on_request(&mut req, &mut stream.state);
+            stream.held = matches!(outcome, RequestOutcome::Pause);
+            let calls = req.take_calls();
             req.apply();
-            reply
+            for t in calls {
+                guard.grpc_calls.insert(t, id);
+            }
+            outcome
         };
         // Envoy runs this module's response callbacks for the local reply
         // before `send_local_response` returns: no borrow may be held here.
-        match reply {
-            Some(r) => {
+        match outcome {
+            RequestOutcome::Reply(r) => {
                 send(&r);
                 PAUSE
             }
-            None => CONTINUE,
+            RequestOutcome::Pause => PAUSE,
+            RequestOutcome::Continue => CONTINUE,
+        }
+    }
+
+    /// `proxy_on_request_body`: held back (buffered) while the request waits
+    /// for a gRPC call, so that Envoy does not pass it on (a body chunk
+    /// answered with Continue would resume the held headers).
+    pub fn request_body(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
+        let guard = vm.borrow();
+        match guard.streams.get(&id) {
+            Some(s) if s.held => PAUSE, // StopIterationAndBuffer
+            _ => CONTINUE,
+        }
+    }
+
+    /// `proxy_on_request_trailers`: held back the same way.
+    pub fn request_trailers(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
+        Self::request_body(vm, id)
+    }
+
+    /// `proxy_on_grpc_receive` (`status` 0, message in the GrpcReceive
+    /// buffer) and `proxy_on_grpc_close` (the call failed with `status`):
+    /// Envoy delivers both to the root context that made the call; the
+    /// token names the stream. The stream's stages decide, then the request
+    /// goes on, or gets a local reply, with the stream as effective context.
+    pub fn grpc_done(vm: &RefCell<Vm<S>>, token: u32, status: u32, size: usize) {
+        let outcome = {
+            let mut guard = vm.borrow_mut();
+            let Some(stream_id) = guard.grpc_calls.remove(&token) else { return };
+            let grpc = guard.grpc;
+            let Some(stream) = guard.streams.get_mut(&stream_id) else { return };
+            if let Err(s) = abi::set_effective_context(stream_id) {
+                log::warn!("{}: stream {stream_id} is gone (status {s})", guard.module);
+                return;
+            }
+            let message = if status == 0 && size > 0 {
+                abi::get_buffer(abi::Buffer::GrpcReceive, 0, size).ok().flatten().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let call = GrpcResponse { token, status, message };
+            let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
+            let mut req = Request::new(&headers, stream_id);
+            req.grpc = grpc;
+            let root = Rc::clone(&stream.root);
+            // A stage that does not know the token: let the request go on
+            // rather than hold it for ever.
+            let outcome = root.on_grpc_response(&mut req, &call, &mut stream.state).unwrap_or(RequestOutcome::Continue);
+            stream.held = matches!(outcome, RequestOutcome::Pause);
+            let calls = req.take_calls();
+            req.apply();
+            for t in calls {
+                guard.grpc_calls.insert(t, stream_id);
+            }
+            outcome
+        };
+        match outcome {
+            RequestOutcome::Reply(r) => send(&r),
+            RequestOutcome::Continue => {
+                if let Err(s) = abi::continue_request() {
+                    log::warn!("cannot resume the request: status {s}");
+                }
+            }
+            RequestOutcome::Pause => {}
         }
     }
 
@@ -185,6 +271,16 @@ impl<S: Stage> Vm<S> {
             if !vm.calls.is_empty() {
                 vm.calls.retain(|_, stream| *stream != id);
             }
+            if !vm.grpc_calls.is_empty() {
+                // Calls belong to the root context and outlive the stream:
+                // cancel them (Envoy sends no callback for a cancelled call).
+                vm.grpc_calls.retain(|token, stream| {
+                    if *stream == id {
+                        let _ = abi::grpc_cancel(*token);
+                    }
+                    *stream != id
+                });
+            }
         } else {
             if let Some(p) = vm.roots.remove(&id) {
                 // Counts not yet flushed would be lost with the old config.
@@ -196,6 +292,11 @@ impl<S: Stage> Vm<S> {
     /// Live streams and roots (tests, soak diagnostics).
     pub fn sizes(&self) -> (usize, usize) {
         (self.streams.len(), self.roots.len())
+    }
+
+    /// gRPC calls in flight (tests, diagnostics).
+    pub fn grpc_calls_in_flight(&self) -> usize {
+        self.grpc_calls.len()
     }
 }
 
@@ -214,7 +315,9 @@ fn send_with_body(r: &LocalReply, body: &[u8]) {
 /// logs), the second the stage type, the third a `fn(&[u8]) ->
 /// Result<Pipeline<S>, ConfigError>`; then the optional callbacks the module
 /// needs, out of `response_headers`, `response_body`, `log`,
-/// `http_call_response`. Every module
+/// `http_call_response`, `grpc` (`proxy_on_grpc_receive`, `_close`, and the
+/// request body and trailers callbacks that hold a waiting request's body
+/// back; without it [`Request::dispatch_grpc_call`] refuses). Every module
 /// exports the ABI version, the allocator, `_initialize`, context creation,
 /// VM start, configure, request headers, tick and delete.
 #[macro_export]
@@ -222,7 +325,7 @@ macro_rules! export_module {
     ($name:expr, $stage:ty, $parse:expr $(, $extra:ident)* $(,)?) => {
         thread_local! {
             static __MESHPATTERNS_VM: ::std::cell::RefCell<$crate::vm::Vm<$stage>> =
-                ::std::cell::RefCell::new($crate::vm::Vm::new($name, $parse));
+                ::std::cell::RefCell::new($crate::vm::Vm::new($name, $parse).with_grpc($crate::export_module!(@has_grpc $($extra)*)));
         }
 
         #[cfg(target_os = "wasi")]
@@ -296,6 +399,31 @@ macro_rules! export_module {
         #[no_mangle]
         pub extern "C" fn proxy_on_http_call_response(id: u32, token: u32, headers: usize, body_size: usize, _trailers: usize) {
             __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::http_call_response(vm, id, token, headers, body_size))
+        }
+    };
+    (@has_grpc) => { false };
+    (@has_grpc grpc $($rest:ident)*) => { true };
+    (@has_grpc $other:ident $($rest:ident)*) => { $crate::export_module!(@has_grpc $($rest)*) };
+    (@extra grpc) => {
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_receive(_root: u32, token: u32, size: usize) {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::grpc_done(vm, token, 0, size))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_grpc_close(_root: u32, token: u32, status: u32) {
+            // A unary call ends with receive (answered) or close (failed), not both.
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::grpc_done(vm, token, status.max(1), 0))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_body(id: u32, _size: usize, _end_of_stream: u32) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::request_body(vm, id))
+        }
+
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_trailers(id: u32, _trailers: usize) -> u32 {
+            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::request_trailers(vm, id))
         }
     };
     (@extra log) => {

@@ -18,7 +18,13 @@ pub use stage::RateLimiter;
 // The module's exports, only in the wasm build of this crate as a module
 // (feature `module`, on by default; the pipeline module turns it off).
 #[cfg(all(target_arch = "wasm32", feature = "module"))]
-meshpatterns_host::export_module!("rate-limiter", RateLimiter, meshpatterns_host::stage::parse_single::<RateLimiter>, response_headers);
+meshpatterns_host::export_module!(
+    "rate-limiter",
+    RateLimiter,
+    meshpatterns_host::stage::parse_single::<RateLimiter>,
+    response_headers,
+    grpc
+);
 
 /// Filter state keys (`%FILTER_STATE(wasm.rate_limiter_decision:PLAIN)%`).
 pub const STATE_DECISION: &str = "rate_limiter_decision";

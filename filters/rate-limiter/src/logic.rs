@@ -4,11 +4,14 @@
 //! * [`bucket`]: token-bucket arithmetic.
 //! * [`table`]: the bucket table in shared data (sets of slots, key
 //!   fingerprints, the compare-and-swap loop over a [`SlotStore`]).
+//! * [`rls`]: global policies, counted by a rate limit service: its
+//!   protocol's messages and the decision from its answer.
 //! * this module: allowlist and policy selection, key composition, the
 //!   decision, and the headers and reply the stage sends.
 
 pub mod bucket;
 pub mod config;
+pub mod rls;
 pub mod table;
 
 use std::net::IpAddr;
@@ -16,8 +19,8 @@ use std::net::IpAddr;
 use meshpatterns_core::key::client_address;
 use meshpatterns_core::RequestView;
 
-use bucket::Take;
-pub use config::{Config, Match, Policy, Settings};
+use bucket::{BucketState, Take};
+pub use config::{Config, FailureMode, Match, Policy, Settings};
 use table::{place, take_shared, Shared};
 pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
 
@@ -99,6 +102,8 @@ pub enum Verdict {
     Limited,
     ShadowLimited,
     FailOpen,
+    /// A global policy's service failed and its `failureMode` is closed.
+    FailClosed,
 }
 
 impl Verdict {
@@ -110,6 +115,7 @@ impl Verdict {
             Verdict::Limited => "limited",
             Verdict::ShadowLimited => "shadow_limited",
             Verdict::FailOpen => "fail_open",
+            Verdict::FailClosed => "fail_closed",
         }
     }
 }
@@ -132,13 +138,25 @@ pub struct Decision {
 
 /// Decide for one request: select the rule, ask the shared bucket, apply shadow mode.
 pub fn decide(s: &Settings, table: &Table, req: &dyn RequestView, store: &mut dyn SlotStore, now_ns: u64) -> Decision {
-    let none = |verdict| Decision { verdict, policy: None, take: None, conflicts: 0, table_full: false, fail_reason: None };
-    let (index, at) = match select(s, table, req) {
+    decide_selected(s, table, select(s, table, req), store, now_ns)
+}
+
+impl Decision {
+    fn plain(verdict: Verdict, policy: Option<usize>) -> Decision {
+        Decision { verdict, policy, take: None, conflicts: 0, table_full: false, fail_reason: None }
+    }
+}
+
+/// [`decide`] for a selection already made (a global policy's selection
+/// goes to [`global_call`] instead; here it is decided as unmatched).
+pub fn decide_selected(s: &Settings, table: &Table, sel: Selection, store: &mut dyn SlotStore, now_ns: u64) -> Decision {
+    let none = |verdict| Decision::plain(verdict, None);
+    let (index, at) = match sel {
         Selection::Allowlisted => return none(Verdict::Allowlisted),
         Selection::Unmatched => return none(Verdict::Unmatched),
         Selection::Policy { index, at } => (index, at),
     };
-    let Some(policy) = s.policies.get(index) else { return none(Verdict::Unmatched) };
+    let Some(policy) = s.policies.get(index).filter(|p| p.global.is_none()) else { return none(Verdict::Unmatched) };
     match take_shared(store, table.layout, at, &policy.bucket, now_ns, s.table_full) {
         Shared::Taken { take, conflicts, table_full } => {
             let verdict = match (take.allowed, policy.shadow) {
@@ -152,6 +170,104 @@ pub fn decide(s: &Settings, table: &Table, req: &dyn RequestView, store: &mut dy
             Decision { verdict: Verdict::FailOpen, policy: Some(index), take: None, conflicts, table_full, fail_reason: Some(reason) }
         }
     }
+}
+
+/// The call a global policy makes: the serialized `RateLimitRequest` for
+/// policy `index` and `req`. One descriptor: `policy` = the policy's name,
+/// then `key0`, `key1`, ... = each key part ([`rls::entry_value`]), with the
+/// policy's window as the limit override (`rate` per `per`), so the service
+/// needs no limits of its own for it. `None` if the policy is not global
+/// or a key part is absent (it was present when selected).
+pub fn global_call(s: &Settings, index: usize, req: &dyn RequestView) -> Option<Vec<u8>> {
+    let policy = s.policies.get(index)?;
+    let g = policy.global?;
+    let rls = s.rls.as_ref()?;
+    let mut entries = Vec::with_capacity(policy.key.len() + 1);
+    entries.push(("policy".to_string(), policy.name.clone()));
+    for (i, part) in policy.key.iter().enumerate() {
+        entries.push((format!("key{i}"), rls::entry_value(&part.extract(req)?)));
+    }
+    let d = rls::Descriptor { entries, requests_per_unit: g.requests_per_unit, unit: g.unit };
+    Some(rls::encode_request(&rls.domain, &[d]))
+}
+
+/// How a call to the rate limit service ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallResult<'a> {
+    /// The service answered with this message.
+    Answer(&'a [u8]),
+    /// The call failed: gRPC status (4 DEADLINE_EXCEEDED on the timeout, 14
+    /// UNAVAILABLE when the service is down) and what Envoy said.
+    Failed(u32),
+    /// It could not be started (the hostcall's status).
+    NotStarted(u32),
+}
+
+/// The decision for global policy `index` from how its call ended: the
+/// service's verdict (shadow mode applied), with its figures for the
+/// headers; or, when the call failed or the answer is unreadable, the
+/// policy's failure mode.
+pub fn global_decision(s: &Settings, index: usize, result: CallResult<'_>) -> Decision {
+    let Some(policy) = s.policies.get(index) else { return Decision::plain(Verdict::Unmatched, None) };
+    let Some(g) = policy.global else { return Decision::plain(Verdict::Unmatched, None) };
+    let failed = |reason: String| {
+        let verdict = match g.failure {
+            FailureMode::Open => Verdict::FailOpen,
+            FailureMode::Closed => Verdict::FailClosed,
+        };
+        Decision { fail_reason: Some(reason), ..Decision::plain(verdict, Some(index)) }
+    };
+    let r = match result {
+        CallResult::Answer(bytes) => match rls::decode_response(bytes) {
+            Ok(r) => r,
+            Err(e) => return failed(format!("unreadable answer from the rate limit service: {}", e.0)),
+        },
+        CallResult::Failed(status) => return failed(format!("rate limit service call failed: gRPC status {status}")),
+        CallResult::NotStarted(status) => return failed(format!("rate limit service call not started: status {status}")),
+    };
+    let over = match r.overall {
+        rls::CODE_OK => false,
+        rls::CODE_OVER_LIMIT => true,
+        c => return failed(format!("rate limit service answered code {c}")),
+    };
+    let status = r.statuses.first().cloned().unwrap_or_default();
+    let window = g.unit.seconds();
+    let (limit, window) = match status.limit {
+        Some((rpu, secs)) if rpu > 0 => (rpu, if secs > 0 { secs } else { window }),
+        _ => (u64::from(g.requests_per_unit), window),
+    };
+    let reset_secs = status.reset_ns.map_or(window, |ns| ns.div_ceil(1_000_000_000));
+    let take = Take {
+        allowed: !over,
+        state: BucketState { tokens: 0, last_ns: 0 },
+        remaining: if over { 0 } else { status.remaining.min(limit) },
+        limit,
+        reset_secs,
+        retry_after_secs: if over { reset_secs.max(1) } else { 0 },
+    };
+    let verdict = match (over, policy.shadow) {
+        (false, _) => Verdict::Allowed,
+        (true, false) => Verdict::Limited,
+        (true, true) => Verdict::ShadowLimited,
+    };
+    Decision { take: Some(take), ..Decision::plain(verdict, Some(index)) }
+}
+
+/// The reply to a request refused because a global policy's service failed
+/// and its failure mode is closed: 503 (gRPC 14 UNAVAILABLE), no rate-limit
+/// headers (the service gave no figures).
+pub fn fail_closed_reply(d: &Decision, grpc: bool) -> Option<LimitedReply> {
+    if d.verdict != Verdict::FailClosed {
+        return None;
+    }
+    let mut headers = Vec::new();
+    let body = if grpc {
+        "rate limit service unavailable".to_string()
+    } else {
+        headers.push(("content-type", "application/json".to_string()));
+        r#"{"error":"rate_limit_service_unavailable"}"#.to_string()
+    };
+    Some(LimitedReply { status: 503, grpc_status: 14, headers, body })
 }
 
 /// Response headers the filter owns (lowercase names).

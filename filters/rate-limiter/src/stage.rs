@@ -2,10 +2,13 @@
 
 use meshpatterns_core::ConfigError;
 use meshpatterns_host::abi;
-use meshpatterns_host::{BatchedCounter, Flow, LocalReply, Pattern, Request, Response, Stage};
+use meshpatterns_host::{BatchedCounter, Flow, GrpcResponse, LocalReply, Pattern, Request, Response, Stage};
 
 use crate::logic::table::prepare;
-use crate::logic::{decide, is_grpc, limited_reply, response_headers, Config, Layout, Settings, SlotStore, Table, Verdict};
+use crate::logic::{
+    decide_selected, fail_closed_reply, global_call, global_decision, is_grpc, limited_reply, response_headers, rls, select, CallResult,
+    Config, Decision, Layout, Selection, Settings, SlotStore, Table, Verdict,
+};
 use crate::{METRIC_PREFIX, STATE_DECISION, STATE_POLICY};
 
 /// Counters of one policy: `meshpatterns.rate_limiter.<policy>.allowed` etc.
@@ -23,6 +26,9 @@ struct Metrics {
     fail_open: BatchedCounter,
     cas_conflicts: BatchedCounter,
     table_full: BatchedCounter,
+    fail_closed: BatchedCounter,
+    rls_calls: BatchedCounter,
+    rls_errors: BatchedCounter,
 }
 
 impl Metrics {
@@ -43,6 +49,9 @@ impl Metrics {
             fail_open: m("fail_open"),
             cas_conflicts: m("cas_conflicts"),
             table_full: m("table_full"),
+            fail_closed: m("fail_closed"),
+            rls_calls: m("rls_calls"),
+            rls_errors: m("rls_errors"),
         }
     }
 
@@ -53,6 +62,9 @@ impl Metrics {
             &self.fail_open,
             &self.cas_conflicts,
             &self.table_full,
+            &self.fail_closed,
+            &self.rls_calls,
+            &self.rls_errors,
         ])
     }
 }
@@ -95,8 +107,10 @@ impl Pattern for RateLimiter {
             log::warn!("{w}");
         }
         let layout = Layout { slots: settings.slots };
-        // Every set exists before the first request (see logic::table).
+        // Every set exists before the first request (see logic::table);
+        // a config of global policies only has no table.
         let seed = match prepare(&mut HostStore, layout, &mut fresh_seed) {
+            _ if !settings.has_local() => 0,
             Ok(seed) => seed,
             Err(e) if cfg!(target_arch = "wasm32") => {
                 return Err(ConfigError::new("slots", settings.slots, format!("a bucket table Envoy's shared data can hold ({e})")))
@@ -109,15 +123,24 @@ impl Pattern for RateLimiter {
     }
 }
 
-impl Stage for RateLimiter {
-    /// The rate-limit headers for the response.
-    type Stream = Vec<(&'static str, String)>;
+/// Per request: the rate-limit headers for the response, and a global
+/// policy's call in flight.
+#[derive(Debug, Default)]
+pub struct RateLimitStream {
+    headers: Vec<(&'static str, String)>,
+    /// Token, policy index, and whether the request is gRPC.
+    pending: Option<(u32, usize, bool)>,
+}
 
-    fn on_request(&self, req: &mut Request<'_>, st: &mut Self::Stream) -> Flow {
+impl RateLimiter {
+    /// Count, record and answer a decision.
+    fn finish(&self, req: &mut Request<'_>, st: &mut RateLimitStream, d: Decision, grpc: bool) -> Flow {
         let s = &self.settings;
-        let now = req.now_nanos();
-        let d = decide(s, &self.table, &*req, &mut HostStore, now);
         let m = &self.metrics;
+        let global = d.policy.and_then(|i| s.policies.get(i)).is_some_and(|p| p.global.is_some());
+        if global && matches!(d.verdict, Verdict::FailOpen | Verdict::FailClosed) {
+            m.rls_errors.inc();
+        }
         match (d.verdict, d.policy.and_then(|i| m.policies.get(i))) {
             (Verdict::Allowed, Some(p)) => p.allowed.inc(),
             (Verdict::Limited, Some(p)) => p.limited.inc(),
@@ -127,6 +150,10 @@ impl Stage for RateLimiter {
             (Verdict::FailOpen, _) => {
                 m.fail_open.inc();
                 log::warn!("rate-limiter: letting a request through: {}", d.fail_reason.as_deref().unwrap_or("unknown"));
+            }
+            (Verdict::FailClosed, _) => {
+                m.fail_closed.inc();
+                log::warn!("rate-limiter: refusing a request (failureMode closed): {}", d.fail_reason.as_deref().unwrap_or("unknown"));
             }
             _ => {}
         }
@@ -138,22 +165,63 @@ impl Stage for RateLimiter {
         if let Some(p) = d.policy.and_then(|i| s.policies.get(i)) {
             req.record(STATE_POLICY, p.name.clone());
         }
-        if let Some(r) = limited_reply(s, &d, d.verdict == Verdict::Limited && is_grpc(&*req)) {
+        let reply = limited_reply(s, &d, grpc).map(|r| (r, "rate_limited"));
+        if let Some((r, details)) = reply.or_else(|| fail_closed_reply(&d, grpc).map(|r| (r, "rate_limit_service_unavailable"))) {
             // The reply carries the rate-limit headers itself.
             return Flow::Reply(LocalReply {
                 status: r.status,
                 grpc_status: r.grpc_status,
-                details: "rate_limited",
+                details,
                 headers: r.headers.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 body: r.body,
             });
         }
-        *st = response_headers(s, &d);
+        st.headers = response_headers(s, &d);
         Flow::Continue
+    }
+}
+
+impl Stage for RateLimiter {
+    type Stream = RateLimitStream;
+
+    fn on_request(&self, req: &mut Request<'_>, st: &mut Self::Stream) -> Flow {
+        let s = &self.settings;
+        let sel = select(s, &self.table, &*req);
+        if let Selection::Policy { index, .. } = sel {
+            if let (Some(rls_cfg), true) = (&s.rls, s.policies.get(index).is_some_and(|p| p.global.is_some())) {
+                let grpc = is_grpc(&*req);
+                let result = match global_call(s, index, &*req) {
+                    Some(msg) => req.dispatch_grpc_call(&rls_cfg.grpc_service, rls::SERVICE, rls::METHOD, &msg, rls_cfg.timeout_ms),
+                    None => Err(meshpatterns_host::abi::BAD_ARGUMENT),
+                };
+                self.metrics.rls_calls.inc();
+                return match result {
+                    Ok(token) => {
+                        st.pending = Some((token, index, grpc));
+                        Flow::Pause
+                    }
+                    Err(status) => self.finish(req, st, global_decision(s, index, CallResult::NotStarted(status)), grpc),
+                };
+            }
+        }
+        let now = req.now_nanos();
+        let d = decide_selected(s, &self.table, sel, &mut HostStore, now);
+        let grpc = d.verdict == Verdict::Limited && is_grpc(&*req);
+        self.finish(req, st, d, grpc)
+    }
+
+    fn on_grpc_response(&self, req: &mut Request<'_>, call: &GrpcResponse, st: &mut Self::Stream) -> Option<Flow> {
+        let (token, index, grpc) = st.pending?;
+        if token != call.token {
+            return None;
+        }
+        st.pending = None;
+        let result = if call.status == 0 { CallResult::Answer(&call.message) } else { CallResult::Failed(call.status) };
+        Some(self.finish(req, st, global_decision(&self.settings, index, result), grpc))
     }
 
     fn on_response(&self, resp: &mut Response, st: &mut Self::Stream) {
-        for (name, value) in st.drain(..) {
+        for (name, value) in st.headers.drain(..) {
             resp.set_header(name, &value);
         }
     }

@@ -147,6 +147,23 @@ impl LimitConfig {
     }
 }
 
+/// The limit for descriptors that carry their own (Envoy's
+/// `RateLimitOverride`: `max` per window of `seconds`) with exactly the
+/// entry keys `keys`: its own namespace (so no configured limit and no
+/// other override counts with it), one counter per distinct combination of
+/// values.
+pub fn override_limit(namespace: &str, keys: &[&str], max: u64, seconds: u64) -> Result<Limit, ConfigError> {
+    let conditions = [format!("size({DESCRIPTORS}[0]) == {}", keys.len())]
+        .into_iter()
+        .map(|c| Predicate::parse(&c).map_err(|err| ConfigError(format!("override: condition {c}: {err}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let variables = keys
+        .iter()
+        .map(|k| Expression::parse(&entry(k)).map_err(|err| ConfigError(format!("override: variable {k}: {err}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Limit::new(namespace, max, seconds, conditions, variables))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]

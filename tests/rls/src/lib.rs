@@ -19,6 +19,13 @@
 //! - Each status carries `current_limit` (name, max per unit),
 //!   `limit_remaining` and `duration_until_reset`, which Envoy turns into
 //!   X-RateLimit-* headers.
+//! - **Limit overrides**: a descriptor carrying `limit` (Envoy's
+//!   `RateLimitOverride`, as the rate-limiter filter's global policies send
+//!   it) is counted on that limit instead of the configured ones: `max` =
+//!   `requests_per_unit` per window of its unit, one counter per distinct
+//!   set of entry values, in a namespace of its own per domain, limit and
+//!   set of keys (as envoyproxy/ratelimit applies an override without any
+//!   configured limit).
 //! - Hits: the descriptor's `hits_addend`, else the request's, else 1.
 //!   `is_negative_hits` (a refund) is answered OK without counting:
 //!   Limitador has no decrement.
@@ -36,9 +43,10 @@
 
 pub mod config;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{rate_limit::Unit, Code, DescriptorStatus, RateLimit};
@@ -53,6 +61,8 @@ use limitador::AsyncRateLimiter;
 /// The service: one Limitador over one Redis.
 pub struct Rls {
     limiter: AsyncRateLimiter,
+    /// Namespaces of the override limits added so far.
+    overrides: Mutex<HashSet<String>>,
 }
 
 impl Rls {
@@ -63,12 +73,39 @@ impl Rls {
         for l in limits {
             limiter.add_limit(l);
         }
-        Ok(Rls { limiter })
+        Ok(Rls { limiter, overrides: Mutex::new(HashSet::new()) })
+    }
+
+    /// The namespace a descriptor with a limit override is counted in
+    /// (its limit added on first sight).
+    fn override_namespace(&self, domain: &str, d: &RateLimitDescriptor) -> Result<Namespace, tonic::Status> {
+        let Some(o) = d.limit else { return Ok(Namespace::from(domain)) };
+        let seconds = match o.unit {
+            1 => 1,
+            2 => 60,
+            3 => 3600,
+            4 => 86_400,
+            u => return Err(tonic::Status::invalid_argument(format!("limit override: unit {u} has no fixed window here"))),
+        };
+        if o.requests_per_unit == 0 {
+            return Err(tonic::Status::invalid_argument("limit override: requests_per_unit 0"));
+        }
+        let mut keys: Vec<&str> = d.entries.iter().map(|e| e.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let ns = format!("{domain}#override:{}/{seconds}s:{}", o.requests_per_unit, keys.join(","));
+        let mut seen = self.overrides.lock().map_err(|_| tonic::Status::internal("poisoned lock"))?;
+        if !seen.contains(&ns) {
+            let limit = config::override_limit(&ns, &keys, u64::from(o.requests_per_unit), seconds)
+                .map_err(|e| tonic::Status::invalid_argument(e.0))?;
+            self.limiter.add_limit(limit);
+            seen.insert(ns.clone());
+        }
+        Ok(Namespace::from(ns.as_str()))
     }
 
     /// Answer one `ShouldRateLimit` call.
     pub async fn check(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
-        let namespace = Namespace::from(req.domain.as_str());
         let mut statuses = Vec::with_capacity(req.descriptors.len());
         for d in &req.descriptors {
             if d.is_negative_hits {
@@ -77,6 +114,7 @@ impl Rls {
             }
             let hits = d.hits_addend.as_ref().map_or(u64::from(req.hits_addend), |h| h.value).max(1);
             let ctx = context(d);
+            let namespace = self.override_namespace(&req.domain, d)?;
             let result = self
                 .limiter
                 .check_rate_limited_and_update(&namespace, &ctx, hits)
@@ -229,7 +267,7 @@ pub fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
     use super::*;
     use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 
@@ -322,6 +360,51 @@ mod tests {
         let counters = l.get_counters(&Namespace::from("d")).unwrap();
         let wide = counters.iter().find(|c| c.limit().name() == Some("wide")).unwrap();
         assert_eq!(wide.remaining(), Some(98));
+    }
+
+    /// The rate-limiter filter's hand-written codec against prost (the
+    /// generated types the service uses).
+    #[test]
+    fn the_filters_codec_agrees_with_prost() {
+        use prost::Message;
+        use rate_limiter::logic::config::Unit as PolicyUnit;
+        use rate_limiter::logic::rls;
+        let d = rls::Descriptor {
+            entries: vec![("policy".into(), "per-key".into()), ("key0".into(), rls::entry_value(b"k\xff"))],
+            requests_per_unit: 2000,
+            unit: PolicyUnit::Hour,
+        };
+        let bytes = rls::encode_request("meshpatterns", &[d]);
+        let req = RateLimitRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!((req.domain.as_str(), req.hits_addend), ("meshpatterns", 1));
+        let got = &req.descriptors[0];
+        let entries: Vec<(&str, &str)> = got.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect();
+        assert_eq!(entries, [("policy", "per-key"), ("key0", "hex:6bff")]);
+        let o = got.limit.unwrap();
+        assert_eq!((o.requests_per_unit, o.unit), (2000, 3));
+
+        let resp = RateLimitResponse {
+            overall_code: Code::OverLimit.into(),
+            statuses: vec![DescriptorStatus {
+                code: Code::OverLimit.into(),
+                current_limit: Some(RateLimit { name: "n".into(), requests_per_unit: 2000, unit: Unit::Hour.into() }),
+                limit_remaining: 0,
+                duration_until_reset: Some(PbDuration { seconds: 3599, nanos: 5 }),
+                ..Default::default()
+            }],
+            raw_body: b"ignored".to_vec(),
+            ..Default::default()
+        };
+        let r = rls::decode_response(&resp.encode_to_vec()).unwrap();
+        assert_eq!(r.overall, rls::CODE_OVER_LIMIT);
+        assert_eq!(r.statuses, vec![rls::Status { code: 2, limit: Some((2000, 3600)), remaining: 0, reset_ns: Some(3_599_000_000_005) }]);
+
+        // The GrpcService the filter passes to Envoy.
+        use envoy_types::pb::envoy::config::core::v3::{grpc_service::TargetSpecifier, GrpcService};
+        let g =
+            GrpcService::decode(rls::grpc_service("outbound|8081||r.ns.svc.cluster.local", "r.ns.svc.cluster.local").as_slice()).unwrap();
+        let Some(TargetSpecifier::EnvoyGrpc(e)) = g.target_specifier else { panic!("{g:?}") };
+        assert_eq!((e.cluster_name.as_str(), e.authority.as_str()), ("outbound|8081||r.ns.svc.cluster.local", "r.ns.svc.cluster.local"));
     }
 
     #[test]

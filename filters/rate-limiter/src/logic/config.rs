@@ -62,6 +62,73 @@ pub struct Config {
     /// Also send the IETF `RateLimit-Policy` and `RateLimit` headers.
     #[serde(default)]
     pub ietf_headers: bool,
+    /// The rate limit service (Envoy's `envoy.service.ratelimit.v3` gRPC
+    /// protocol) that keeps the counts of `mode: global` policies; required
+    /// when a policy is global.
+    #[serde(default)]
+    pub rate_limit_service: Option<RateLimitServiceConfig>,
+}
+
+/// Default timeout of a call to the rate limit service, in milliseconds.
+pub const DEFAULT_RLS_TIMEOUT_MS: u32 = 100;
+/// Allowed timeouts: above Envoy's 20 ms default (too short for a
+/// Redis-backed service on a busy node), at most 10 s.
+pub const MIN_RLS_TIMEOUT_MS: u32 = 21;
+pub const MAX_RLS_TIMEOUT_MS: u32 = 10_000;
+
+/// Where global policies are counted.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitServiceConfig {
+    /// The Envoy cluster of the service, e.g. Istio's
+    /// `outbound|8081||ratelimit.meshpatterns.svc.cluster.local`.
+    pub cluster: String,
+    /// `:authority` of the calls; default: the host of an Istio
+    /// `outbound|port|subset|host` cluster name, else Envoy's default (the
+    /// cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// The `domain` of every request (the service's limits namespace).
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// How long a request waits for the service before the policy's
+    /// `failureMode` applies, 21..=10000 ms.
+    #[serde(default = "default_rls_timeout")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 21, max = 10_000)))]
+    pub timeout_ms: u32,
+}
+
+fn default_domain() -> String {
+    "meshpatterns".to_string()
+}
+
+fn default_rls_timeout() -> u32 {
+    DEFAULT_RLS_TIMEOUT_MS
+}
+
+/// Where a policy's counts live.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// A token bucket in this Envoy's shared data (all its workers).
+    #[default]
+    Local,
+    /// A fixed window kept by the rate limit service (every proxy asking it).
+    Global,
+}
+
+/// What a global policy does when the rate limit service does not answer in time.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub enum FailureMode {
+    /// Let the request through, unlimited.
+    #[default]
+    Open,
+    /// Refuse it (503; gRPC UNAVAILABLE).
+    Closed,
 }
 
 fn default_slots() -> u32 {
@@ -98,6 +165,13 @@ pub struct PolicyConfig {
     /// Override the top-level `shadow` for this policy.
     #[serde(default)]
     pub shadow: Option<bool>,
+    /// `local` (a token bucket per Envoy) or `global` (a fixed window of
+    /// `rate` requests per `per`, counted by the rate limit service).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Global policies: `open` (default) or `closed` when the service fails.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
 }
 
 /// Unit of a rate.
@@ -333,6 +407,38 @@ pub struct Policy {
     pub key: Vec<KeySource>,
     pub bucket: BucketParams,
     pub shadow: bool,
+    /// Set for a global policy: counted by the rate limit service.
+    pub global: Option<Global>,
+}
+
+/// A global policy's window as the rate limit service counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Global {
+    pub requests_per_unit: u32,
+    pub unit: Unit,
+    pub failure: FailureMode,
+}
+
+/// The validated rate limit service settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitService {
+    /// The serialized GrpcService (cluster and authority) for the call.
+    pub grpc_service: Vec<u8>,
+    pub cluster: String,
+    pub authority: String,
+    pub domain: String,
+    pub timeout_ms: u32,
+}
+
+/// The host of an Istio outbound cluster name `outbound|<port>|<subset>|<host>`.
+pub fn istio_cluster_host(cluster: &str) -> Option<&str> {
+    let mut parts = cluster.split('|');
+    let (Some("outbound" | "inbound"), Some(_port), Some(_subset), Some(host), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// The reply to limited requests.
@@ -356,6 +462,8 @@ pub struct Settings {
     pub ietf_headers: bool,
     /// Deprecated fields this config used, for one warning at configure.
     pub deprecated: Vec<Deprecation>,
+    /// Set when a policy is global.
+    pub rls: Option<RateLimitService>,
 }
 
 impl Settings {
@@ -363,6 +471,11 @@ impl Settings {
     /// `None` when the config uses none.
     pub fn deprecation_warning(&self) -> Option<String> {
         meshpatterns_core::error::deprecation_warning("rate-limiter", &self.deprecated)
+    }
+
+    /// Whether some policy keeps its bucket in this Envoy (the table is needed).
+    pub fn has_local(&self) -> bool {
+        self.policies.iter().any(|p| p.global.is_none())
     }
 }
 
@@ -422,6 +535,17 @@ impl Settings {
             }
             policies.push(policy);
         }
+        let rls = match (&c.rate_limit_service, policies.iter().position(|p| p.global.is_some())) {
+            (Some(r), _) => Some(compile_rls(r).map_err(|e| e.at("rateLimitService"))?),
+            (None, Some(i)) => {
+                return Err(ConfigError::new(
+                    "rateLimitService",
+                    "absent",
+                    format!("the rate limit service's cluster (policies[{i}] has mode global), e.g. {{\"cluster\": \"outbound|8081||ratelimit.<namespace>.svc.cluster.local\"}}"),
+                ))
+            }
+            (None, None) => None,
+        };
         let mut allowlist = Vec::new();
         for (i, m) in c.allowlist.iter().enumerate() {
             let mut used = Vec::new();
@@ -448,8 +572,44 @@ impl Settings {
             limited: LimitedResponse { status, grpc_status, body },
             ietf_headers: c.ietf_headers,
             deprecated,
+            rls,
         })
     }
+}
+
+fn compile_rls(r: &RateLimitServiceConfig) -> Result<RateLimitService, ConfigError> {
+    if r.cluster.is_empty() || r.cluster.len() > 512 {
+        return Err(ConfigError::new("cluster", format!("{:?}", r.cluster), "an Envoy cluster name, 1 to 512 bytes"));
+    }
+    let authority = match &r.authority {
+        Some(a) => {
+            let ok = !a.is_empty() && a.len() <= 255 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+            if !ok {
+                return Err(ConfigError::new("authority", format!("{a:?}"), "a host or host:port (letters, digits, '.', '-', '_', ':')"));
+            }
+            a.clone()
+        }
+        None => istio_cluster_host(&r.cluster).unwrap_or_default().to_string(),
+    };
+    if r.domain.is_empty() || r.domain.len() > 256 {
+        return Err(ConfigError::new("domain", format!("{:?}", r.domain), "1 to 256 bytes (the service's limits namespace)"));
+    }
+    if !(MIN_RLS_TIMEOUT_MS..=MAX_RLS_TIMEOUT_MS).contains(&r.timeout_ms) {
+        return Err(ConfigError::new(
+            "timeoutMs",
+            r.timeout_ms,
+            format!(
+                "{MIN_RLS_TIMEOUT_MS}..={MAX_RLS_TIMEOUT_MS} milliseconds (default {DEFAULT_RLS_TIMEOUT_MS}; above Envoy's 20 ms default, which a Redis-backed service on a busy node misses)"
+            ),
+        ));
+    }
+    Ok(RateLimitService {
+        grpc_service: super::rls::grpc_service(&r.cluster, &authority),
+        cluster: r.cluster.clone(),
+        authority,
+        domain: r.domain.clone(),
+        timeout_ms: r.timeout_ms,
+    })
 }
 
 fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mut Vec<Deprecation>) -> Result<Policy, ConfigError> {
@@ -465,6 +625,30 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mu
     }
     if p.rate == 0 || p.rate > MAX_RATE {
         return Err(ConfigError::new("rate", p.rate, format!("1..={MAX_RATE} requests per `per`")));
+    }
+    if p.mode == Mode::Global {
+        if let Some(b) = p.burst {
+            return Err(ConfigError::new(
+                "burst",
+                b,
+                "no burst for mode global: the rate limit service counts fixed windows of `rate` requests per `per` and has no bucket capacity (remove `burst`, or use mode local)",
+            ));
+        }
+        let requests_per_unit = u32::try_from(p.rate).map_err(|_| {
+            ConfigError::new("rate", p.rate, format!("1..={} for mode global (the protocol's requests_per_unit)", u32::MAX))
+        })?;
+        // The window is the whole `per`: `rate` requests, the budget not
+        // divided by `replicas` (every proxy asks the same service).
+        let bucket = BucketParams { capacity: p.rate * COST_MILLI, refill: p.rate * COST_MILLI, unit_ns: p.per.seconds() * 1_000_000_000 };
+        let global = Global { requests_per_unit, unit: p.per, failure: p.failure_mode.unwrap_or_default() };
+        return Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow), global: Some(global) });
+    }
+    if let Some(f) = p.failure_mode {
+        return Err(ConfigError::new(
+            "failureMode",
+            format!("{f:?}").to_lowercase(),
+            "only with mode global (a local policy's bucket is in this Envoy; it fails open, counted in fail_open)",
+        ));
     }
     let burst = p.burst.unwrap_or(p.rate);
     if burst < p.rate || burst > MAX_RATE {
@@ -482,7 +666,7 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mu
         refill: (p.rate * COST_MILLI / u64::from(replicas)).max(1),
         unit_ns: p.per.seconds() * 1_000_000_000,
     };
-    Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow) })
+    Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow), global: None })
 }
 
 #[cfg(test)]
@@ -569,6 +753,74 @@ mod tests {
             err(&format!(r#"{{"limitedResponse":{{"grpcStatus":17}},{}"#, &p(r#""rate":1"#)[1..])).field,
             "limitedResponse.grpcStatus"
         );
+    }
+
+    #[test]
+    fn global_policies_map_to_fixed_windows() {
+        let s = settings(
+            r#"{"replicas":3,"rateLimitService":{"cluster":"outbound|8081||ratelimit.mp.svc.cluster.local"},
+                "policies":[{"name":"g","key":["path"],"rate":300,"per":"minute","mode":"global","failureMode":"closed"},
+                            {"name":"l","key":["path"],"rate":3}]}"#,
+        )
+        .unwrap();
+        let g = s.policies[0].global.unwrap();
+        assert_eq!((g.requests_per_unit, g.unit, g.failure), (300, Unit::Minute, FailureMode::Closed));
+        // not divided by replicas; the window is the whole minute
+        assert_eq!(s.policies[0].bucket.window_secs(), 60);
+        assert_eq!(s.policies[0].bucket.capacity, 300_000);
+        assert!(s.policies[1].global.is_none() && s.has_local());
+        let r = s.rls.unwrap();
+        assert_eq!((r.authority.as_str(), r.domain.as_str(), r.timeout_ms), ("ratelimit.mp.svc.cluster.local", "meshpatterns", 100));
+        assert_eq!(
+            r.grpc_service,
+            crate::logic::rls::grpc_service("outbound|8081||ratelimit.mp.svc.cluster.local", "ratelimit.mp.svc.cluster.local")
+        );
+        let s = settings(
+            r#"{"rateLimitService":{"cluster":"rls","authority":"rls.local:8081","domain":"d","timeoutMs":250},
+                "policies":[{"name":"g","key":["path"],"rate":1,"per":"day","mode":"global"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.policies[0].global.unwrap().failure, FailureMode::Open);
+        assert!(!s.has_local());
+        let r = s.rls.unwrap();
+        assert_eq!((r.authority.as_str(), r.domain.as_str(), r.timeout_ms), ("rls.local:8081", "d", 250));
+        assert_eq!(istio_cluster_host("rls"), None);
+        assert_eq!(istio_cluster_host("outbound|80|v1|a.b"), Some("a.b"));
+    }
+
+    #[test]
+    fn what_cannot_map_to_a_window_is_refused() {
+        let rls = r#""rateLimitService":{"cluster":"rls"}"#;
+        let g = |extra: &str| format!(r#"{{{rls},"policies":[{{"name":"g","key":["path"],"rate":10,"mode":"global"{extra}}}]}}"#);
+        let e = err(&g(r#","burst":20"#));
+        assert_eq!(e.field, "policies[0].burst", "{e}");
+        assert!(e.allowed.contains("fixed windows"), "{e}");
+        // even a burst equal to the rate: a window is not a bucket
+        assert_eq!(err(&g(r#","burst":10"#)).field, "policies[0].burst");
+        let e = err(&g(r#","per":"week""#));
+        assert_eq!(e.field, "policies[0].per", "{e}");
+        assert_eq!(err(&g(r#","mode":"cluster""#)).field, "policies[0].mode");
+        assert_eq!(err(&g(r#","failureMode":"maybe""#)).field, "policies[0].failureMode");
+        let e = err(r#"{"policies":[{"name":"l","key":["path"],"rate":1,"failureMode":"closed"}]}"#);
+        assert_eq!(e.field, "policies[0].failureMode", "{e}");
+        let e = err(r#"{"policies":[{"name":"l","key":["path"],"rate":1},{"name":"g","key":["path"],"rate":1,"mode":"global"}]}"#);
+        assert_eq!(e.field, "rateLimitService", "{e}");
+        assert!(e.allowed.contains("policies[1]"), "{e}");
+        let p = r#""policies":[{"name":"g","key":["path"],"rate":1,"mode":"global"}]"#;
+        for (svc, field) in [
+            (r#"{"cluster":"rls","timeoutMs":20}"#, "rateLimitService.timeoutMs"),
+            (r#"{"cluster":"rls","timeoutMs":10001}"#, "rateLimitService.timeoutMs"),
+            (r#"{"cluster":""}"#, "rateLimitService.cluster"),
+            (r#"{"cluster":"rls","authority":"a b"}"#, "rateLimitService.authority"),
+            (r#"{"cluster":"rls","domain":""}"#, "rateLimitService.domain"),
+            (r#"{"cluster":"rls","timeout":5}"#, "rateLimitService.timeout"),
+            (r#"{}"#, "rateLimitService.cluster"),
+        ] {
+            let e = err(&format!(r#"{{"rateLimitService":{svc},{p}}}"#));
+            assert_eq!(e.field, field, "{svc}: {e}");
+        }
+        let e = err(&format!(r#"{{"rateLimitService":{{"cluster":"rls","timeoutMs":20}},{p}}}"#));
+        assert!(e.allowed.contains("21..=10000"), "{e}");
     }
 
     #[test]
