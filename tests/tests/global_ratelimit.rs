@@ -26,6 +26,16 @@
 //! - istio/rate-limiter-global.yaml carries the same filter, actions and
 //!   limits, with the RLS cluster named as Istio names the Service's cluster.
 //!
+//! The same through the rate-limiter filter's global mode
+//! (envoy/rate-limiter-global-wasm.yaml: `mode: global` policies, the filter
+//! calling the RLS with `dispatch_grpc_call`; tests named `wasm_*`): one
+//! budget within 1 % across two Envoys, our headers on 200 and 429, gRPC
+//! RESOURCE_EXHAUSTED through a grpcio client, a request body held while
+//! the call is in flight, the RLS killed (fail open, counted; limiting
+//! resumes), frozen (answered after the filter's timeout, none hangs;
+//! clients that give up meanwhile leave nothing behind), fail closed (503,
+//! nothing reaches the app), and shadow mode.
+//!
 //! Where a test counts exactly it raises the RLS timeout to 5 s (see
 //! [`SLOW_OK`]). Latency is asserted only as a no-hang bound (every request
 //! answered within [`NO_HANG`]), never as a benchmark.
@@ -384,4 +394,274 @@ fn filter_domain() -> String {
     let hcm = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     let filter = hcm["http_filters"].as_sequence().unwrap().iter().find(|f| f["name"] == "envoy.filters.http.ratelimit").unwrap();
     filter["typed_config"]["domain"].as_str().unwrap().to_string()
+}
+
+// ---- the rate-limiter filter's global mode ----
+
+const WASM_CONFIG: &str = "rate-limiter-global-wasm.yaml";
+/// The shipped filter timeout (250 ms) raised to 5 s where a test counts exactly.
+const WASM_SLOW_OK: (&str, &str) = (r#""timeoutMs": 250"#, r#""timeoutMs": 5000"#);
+/// The per-api-key policy fails closed.
+const WASM_FAIL_CLOSED: (&str, &str) = (r#""mode": "global", "failureMode": "open"},"#, r#""mode": "global", "failureMode": "closed"},"#);
+
+/// Two Envoys with the rate-limiter filter in global mode, both asking `rls`.
+fn wasm_envoys(app: &Upstream, rls: &Rls, changes: &[(&str, &str)]) -> Vec<Envoy> {
+    (0..2)
+        .map(|_| {
+            let mut b = EnvoyBuilder::new(WASM_CONFIG)
+                .concurrency(2)
+                .endpoints("APP", std::slice::from_ref(app))
+                .endpoint_ports("RATELIMIT", &[rls.port]);
+            for (from, to) in changes {
+                let text = std::fs::read_to_string(paths::envoy_config(WASM_CONFIG)).unwrap();
+                assert!(text.contains(from), "{from:?} is not in envoy/{WASM_CONFIG}");
+                b = b.replace(from, to);
+            }
+            b.start()
+        })
+        .collect()
+}
+
+/// A filter counter summed over the Envoys, once every VM flushed (500 ms).
+fn filter_stat(envoys: &[Envoy], name: &str) -> u64 {
+    std::thread::sleep(Duration::from_millis(1200));
+    envoys.iter().map(|e| e.stat_or_zero(&format!("meshpatterns.rate_limiter.{name}"))).sum()
+}
+
+#[test]
+fn wasm_two_envoys_share_one_budget_exactly() {
+    let app = Upstream::start("app");
+    // No limits file entry for the filter's descriptors: they carry their limit.
+    let rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let internal = (r#"[{"clientCidrs": ["127.0.0.2/32"]}]"#, r#"[{"headers": [{"name": "x-internal", "value": "batch"}]}]"#);
+    let envoys = wasm_envoys(&app, &rls, &[WASM_SLOW_OK, internal]);
+    let o = burst(&envoys, (B + B / 4) as usize, &[("x-api-key", "shared")]);
+    assert!(o.other.is_empty() && o.unlimited == 0, "{o:?}");
+    assert_budget("global mode: two Envoys, one budget", o.admitted, B);
+    assert_eq!(app.hits(), o.admitted, "the upstream received exactly what was admitted");
+    assert_eq!(o.admitted + o.limited, B + B / 4);
+    // Both Envoys admitted and both refused: one budget, not two.
+    for e in &envoys {
+        let one = std::slice::from_ref(e);
+        assert!(filter_stat(one, "per-api-key.allowed") > 0 && filter_stat(one, "per-api-key.limited") > 0);
+    }
+    assert_eq!(filter_stat(&envoys, "per-api-key.limited"), o.limited);
+    assert_eq!(filter_stat(&envoys, "rls_calls"), B + B / 4);
+    assert_eq!(filter_stat(&envoys, "rls_errors"), 0);
+
+    // A refused request: our headers from the service's answer.
+    let mut c = Client::new(envoys[1].port("ingress"));
+    let r = c.get("/", &[("x-api-key", "shared")]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!((r.header("x-ratelimit-limit"), r.header("x-ratelimit-remaining")), (Some("2000"), Some("0")));
+    let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    assert!((3000..=3600).contains(&reset), "reset {reset}");
+    assert_eq!(r.header("retry-after"), Some(reset.to_string().as_str()), "retry when the window resets");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"per-api-key\";q=2000;w=3600"));
+    assert_eq!(r.header("ratelimit"), Some(format!("\"per-api-key\";r=0;t={reset}").as_str()));
+    assert_eq!(r.json()["policy"], "per-api-key");
+    // Another key has its own budget; a 200 carries the headers too.
+    let r = c.get("/", &[("x-api-key", "other")]);
+    assert_eq!((r.status, r.header("x-ratelimit-limit")), (200, Some("2000")));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some((B - 1).to_string().as_str()));
+    let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    assert!((3500..=3600).contains(&reset), "a fresh window: reset {reset}");
+    assert!(r.header("retry-after").is_none());
+    // Allowlisted: no call, no headers.
+    let calls = filter_stat(&envoys, "rls_calls");
+    let r = Client::new(envoys[0].port("ingress")).get("/", &[("x-api-key", "shared"), ("x-internal", "batch")]);
+    assert_eq!((r.status, r.header("x-ratelimit-limit")), (200, None));
+    assert_eq!(filter_stat(&envoys, "rls_calls"), calls);
+}
+
+#[test]
+fn wasm_a_request_body_waits_for_the_answer_and_goes_on_whole() {
+    let app = Upstream::with_handler(
+        "app",
+        std::sync::Arc::new(|_name: &str, r: &meshpatterns_tests::upstream::Request| {
+            meshpatterns_tests::upstream::Reply::new(200, format!("{} bytes", r.body.len()))
+        }),
+    );
+    let mut rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let envoys = wasm_envoys(&app, &rls, &[WASM_SLOW_OK]);
+    let body = vec![b'x'; 200_000];
+    let mut c = Client::new(envoys[0].port("ingress"));
+    let r = c.request("POST", "/upload", &[("x-api-key", "body")], &body);
+    assert_eq!((r.status, r.text().as_str()), (200, "200000 bytes"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some((B - 1).to_string().as_str()));
+    // With the service frozen the body is held: nothing reaches the app
+    // before the call ends (on the 5 s timeout here, failing open).
+    rls.freeze();
+    let hits = app.hits();
+    let port = envoys[0].port("ingress");
+    let sender = std::thread::spawn(move || Client::new(port).request("POST", "/upload", &[("x-api-key", "body")], &vec![b'y'; 200_000]));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(app.hits(), hits, "the request went upstream while its call was in flight");
+    let r = sender.join().unwrap();
+    assert_eq!((r.status, r.text().as_str(), r.header("x-ratelimit-limit")), (200, "200000 bytes", None), "failed open after the timeout");
+    rls.thaw();
+}
+
+#[test]
+fn wasm_rls_killed_mid_run_fails_open_then_limiting_resumes() {
+    let app = Upstream::start("app");
+    let mut rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let envoys = wasm_envoys(&app, &rls, &[WASM_SLOW_OK]);
+    let key = [("x-api-key", "killed")];
+
+    let before = burst(&envoys, (B / 2) as usize, &key);
+    assert_eq!((before.admitted, before.limited, before.unlimited), (B / 2, 0, 0), "{before:?}");
+
+    rls.stop();
+    let down = burst(&envoys, 400, &key);
+    assert!(down.other.is_empty(), "{down:?}");
+    assert_eq!((down.unlimited, down.admitted, down.limited), (400, 0, 0), "failure mode open: all pass, unlimited");
+    assert!(down.slowest < NO_HANG, "slowest request {:?} with the RLS down", down.slowest);
+    assert_eq!(filter_stat(&envoys, "rls_errors"), 400, "every failed call counted");
+    assert_eq!(filter_stat(&envoys, "fail_open"), 400);
+    eprintln!("global mode, RLS down: 400 of 400 admitted unlimited, slowest {:?}", down.slowest);
+
+    rls.restart();
+    let probes = wait_rls_answers(&envoys[0], "probe");
+    let after = burst(&envoys, B as usize, &key);
+    assert!(after.other.is_empty() && after.unlimited == 0, "{after:?}");
+    // Redis kept the count: the rest of the budget, then 429.
+    assert_budget("global mode, RLS restarted (count kept in Redis)", before.admitted + after.admitted, B);
+    assert!(after.limited > 0);
+    assert_eq!(app.hits(), before.admitted + down.unlimited + probes + after.admitted);
+}
+
+#[test]
+fn wasm_rls_frozen_answers_after_the_timeout_then_limiting_resumes() {
+    let app = Upstream::start("app");
+    let mut rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let envoys = wasm_envoys(&app, &rls, &[]);
+    let key = [("x-api-key", "frozen")];
+
+    rls.freeze();
+    let frozen = burst(&envoys, 100, &key);
+    assert!(frozen.other.is_empty(), "{frozen:?}");
+    assert_eq!(frozen.unlimited, 100, "{frozen:?}");
+    assert!(frozen.slowest < NO_HANG, "slowest request {:?} with the RLS frozen", frozen.slowest);
+    eprintln!("global mode, RLS frozen: 100 of 100 admitted unlimited after the 250 ms timeout, slowest {:?}", frozen.slowest);
+    // Clients that give up while their call is in flight: the streams end,
+    // their calls are cancelled, nothing is left waiting.
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", envoys[0].port("ingress"))).unwrap();
+        std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nhost: x\r\nx-api-key: frozen\r\n\r\n").unwrap();
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    rls.thaw();
+    wait_rls_answers(&envoys[0], "probe");
+    let after = burst(&envoys, (B + B / 4) as usize, &key);
+    assert!(after.other.is_empty() && after.slowest < NO_HANG, "{after:?}");
+    assert!(after.admitted <= B + B / 100, "{after:?}");
+    assert!(after.limited > 0, "limiting resumed: {after:?}");
+    eprintln!(
+        "global mode, RLS thawed: {} admitted by the RLS (budget {B}), {} limited, {} passed on timeouts",
+        after.admitted, after.limited, after.unlimited
+    );
+}
+
+#[test]
+fn wasm_fail_closed_refuses_while_the_rls_is_down() {
+    let app = Upstream::start("app");
+    let mut rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let envoys = wasm_envoys(&app, &rls, &[WASM_FAIL_CLOSED]);
+    rls.stop();
+    let mut c = Client::new(envoys[0].port("ingress"));
+    for _ in 0..20 {
+        let start = Instant::now();
+        let r = c.get("/", &[("x-api-key", "closed")]);
+        assert!(start.elapsed() < NO_HANG);
+        assert_eq!(r.status, 503, "{:?} {}", r.headers, r.text());
+        assert_eq!(r.json()["error"], "rate_limit_service_unavailable");
+    }
+    // The per-client policy fails open: without a key the request passes.
+    assert_eq!(c.get("/", &[]).status, 200);
+    assert_eq!(app.hits(), 1, "nothing limited by the closed policy reached the app");
+    assert_eq!(filter_stat(&envoys[..1], "fail_closed"), 20);
+    assert_eq!(filter_stat(&envoys[..1], "rls_errors"), 21);
+    rls.restart();
+    wait_rls_answers(&envoys[0], "closed");
+    assert_eq!(c.get("/", &[("x-api-key", "closed")]).status, 200);
+}
+
+#[test]
+fn wasm_shadow_mode_counts_but_never_limits() {
+    let app = Upstream::start("app");
+    let rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    let shadow = (r#""rate": 2000, "per": "hour", "mode": "global""#, r#""rate": 5, "per": "hour", "shadow": true, "mode": "global""#);
+    let envoys = wasm_envoys(&app, &rls, &[WASM_SLOW_OK, shadow]);
+    let mut c = Client::new(envoys[0].port("ingress"));
+    for i in 0..8u64 {
+        let r = c.get("/", &[("x-api-key", "shadow")]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-remaining"), Some(4u64.saturating_sub(i).to_string().as_str()));
+    }
+    assert_eq!(app.hits(), 8);
+    assert_eq!(filter_stat(&envoys, "per-api-key.shadow_limited"), 3);
+}
+
+/// `tests/grpc/echo.py serve` (a grpcio server), killed on drop.
+struct EchoServer(std::process::Child, u16);
+
+impl EchoServer {
+    fn start() -> EchoServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(paths::grpc_python())
+            .arg(paths::repo().join("tests/grpc/echo.py"))
+            .arg("serve")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let port = first.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("echo.py: {first:?}"));
+        EchoServer(child, port)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn wasm_a_limited_grpc_call_gets_resource_exhausted() {
+    let echo = EchoServer::start();
+    let rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
+    // The client sends no API key: the per-client policy, 3 calls an hour.
+    let per_client = (r#""rate": 100, "per": "second""#, r#""rate": 3, "per": "hour""#);
+    let http2_app = ("  - name: app\n    connect_timeout: 1s\n", "  - name: app\n    connect_timeout: 1s\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {http2_protocol_options: {}}\n");
+    let envoy = EnvoyBuilder::new(WASM_CONFIG)
+        .concurrency(2)
+        .endpoint_ports("APP", &[echo.1])
+        .endpoint_ports("RATELIMIT", &[rls.port])
+        .replace(WASM_SLOW_OK.0, WASM_SLOW_OK.1)
+        .replace(per_client.0, per_client.1)
+        .replace(http2_app.0, http2_app.1)
+        .start();
+    let out = std::process::Command::new(paths::grpc_python())
+        .arg(paths::repo().join("tests/grpc/echo.py"))
+        .args(["call", &format!("127.0.0.1:{}", envoy.port("ingress")), "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gRPC client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let codes: Vec<&str> = calls.iter().map(|c| c["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["OK", "OK", "OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], "{calls:?}");
+    let limited = &calls[3];
+    assert_eq!(
+        limited["details"],
+        "rate limited by policy per-client; retry after 3600 s".replace("3600", limited["metadata"]["retry-after"].as_str().unwrap())
+    );
+    assert_eq!(limited["metadata"]["x-ratelimit-remaining"], "0");
+    assert_eq!(limited["metadata"]["x-ratelimit-limit"], "3");
+    assert_eq!(calls[0]["metadata"]["x-ratelimit-remaining"], "2");
 }

@@ -97,7 +97,7 @@ mod ffi {
             timeout_ms: u32,
             token: *mut u32,
         ) -> u32;
-        pub fn proxy_dispatch_grpc_call(
+        pub fn proxy_grpc_call(
             upstream: *const u8,
             upstream_len: usize,
             service: *const u8,
@@ -196,7 +196,7 @@ mod ffi {
     ) -> u32 {
         1
     }
-    pub unsafe fn proxy_dispatch_grpc_call(
+    pub unsafe fn proxy_grpc_call(
         _: *const u8,
         _: usize,
         _: *const u8,
@@ -494,7 +494,7 @@ pub fn dispatch_grpc_call(upstream: &[u8], service: &str, method: &str, message:
     let mut token = 0u32;
     // SAFETY: borrowed slices and a live local, valid for the call.
     let s = unsafe {
-        ffi::proxy_dispatch_grpc_call(
+        ffi::proxy_grpc_call(
             upstream.as_ptr(),
             upstream.len(),
             service.as_ptr(),

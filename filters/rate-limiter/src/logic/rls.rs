@@ -82,7 +82,7 @@ fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
 
 /// A serialized `envoy.config.core.v3.GrpcService` with `envoy_grpc`
 /// {cluster_name, authority}: what the filter passes as the "upstream" of
-/// `proxy_dispatch_grpc_call`. Envoy parses that argument as a GrpcService
+/// `proxy_grpc_call` (ABI 0.2.1). Envoy parses that argument as a GrpcService
 /// and only falls back to reading it as a bare cluster name when it does not
 /// parse (source/extensions/common/wasm/context.cc, `Context::grpcCall`);
 /// a bare name would make the `:authority` the cluster name, which for
