@@ -580,7 +580,8 @@ fn wasm_fail_closed_refuses_while_the_rls_is_down() {
         assert_eq!(r.json()["error"], "rate_limit_service_unavailable");
     }
     // The per-client policy fails open: without a key the request passes.
-    assert_eq!(c.get("/", &[]).status, 200);
+    let r = c.get("/", &[]);
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.text());
     assert_eq!(app.hits(), 1, "nothing limited by the closed policy reached the app");
     assert_eq!(filter_stat(&envoys[..1], "fail_closed"), 20);
     assert_eq!(filter_stat(&envoys[..1], "rls_errors"), 21);
@@ -618,9 +619,12 @@ impl EchoServer {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        out.read_line(&mut first).unwrap();
         let port = first.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("echo.py: {first:?}"));
+        // It prints a line per call: keep reading, or its prints fail.
+        std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(drop));
         EchoServer(child, port)
     }
 }
