@@ -159,7 +159,7 @@ pub fn override_limit(namespace: &str, keys: &[&str], max: u64, seconds: u64) ->
         .collect::<Result<Vec<_>, _>>()?;
     let variables = keys
         .iter()
-        .map(|k| Expression::parse(&entry(k)).map_err(|err| ConfigError(format!("override: variable {k}: {err}"))))
+        .map(|k| Expression::parse(entry(k)).map_err(|err| ConfigError(format!("override: variable {k}: {err}"))))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Limit::new(namespace, max, seconds, conditions, variables))
 }
