@@ -433,7 +433,7 @@ fn wasm_two_envoys_share_one_budget_exactly() {
     let app = Upstream::start("app");
     // No limits file entry for the filter's descriptors: they carry their limit.
     let rls = Rls::start(env!("CARGO_BIN_EXE_rls").as_ref(), "limits: []");
-    let internal = (r#"[{"clientCidrs": ["127.0.0.2/32"]}]"#, r#"[{"headers": [{"name": "x-internal", "value": "batch"}]}]"#);
+    let internal = (r#"[{"clientCidrs": ["127.0.0.2/32"]}]"#, r#"[{"headers": [{"name": "x-internal", "exact": "batch"}]}]"#);
     let envoys = wasm_envoys(&app, &rls, &[WASM_SLOW_OK, internal]);
     let o = burst(&envoys, (B + B / 4) as usize, &[("x-api-key", "shared")]);
     assert!(o.other.is_empty() && o.unlimited == 0, "{o:?}");
