@@ -70,6 +70,8 @@ test: toolchain envoy build grpcio wasm-bindgen schema-deps ## run every test: l
 	@# Every pattern's integration tests again, through the pipeline module with that one stage.
 	MESHPATTERNS_MODULE=pipeline cargo test -q -p meshpatterns-tests \
 		$(foreach f,$(filter-out meshpatterns,$(FILTERS)),--test $(subst -,_,$(f))) -- --test-threads 2
+	@# ... and the rate limiter's global mode (the wasm_ tests; the rest are Envoy's native filter).
+	MESHPATTERNS_MODULE=pipeline cargo test -q -p meshpatterns-tests --test global_ratelimit -- --test-threads 2 wasm_
 
 .PHONY: build
 build: toolchain apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/

@@ -22,7 +22,7 @@
 use meshpatterns_core::error::parse_value;
 use meshpatterns_core::ConfigError;
 use meshpatterns_host::stage::{build_stage, Scoped};
-use meshpatterns_host::{Body, BodyFlow, Flow, HttpCallResponse, Pattern, Pipeline, Request, Response, Stage};
+use meshpatterns_host::{Body, BodyFlow, Flow, GrpcResponse, HttpCallResponse, Pattern, Pipeline, Request, Response, Stage};
 
 /// Most stages one pipeline may have.
 pub const MAX_STAGES: usize = 16;
@@ -130,6 +130,13 @@ macro_rules! stages {
                 }
             }
 
+            fn on_grpc_response(&self, req: &mut Request<'_>, call: &GrpcResponse, st: &mut AnyStream) -> Option<Flow> {
+                match (self, st) {
+                    $((AnyStage::$variant(s), AnyStream::$variant(inner)) => s.on_grpc_response(req, call, inner),)*
+                    _ => None,
+                }
+            }
+
             fn on_log(&self, st: &mut AnyStream) {
                 match (self, st) {
                     $((AnyStage::$variant(s), AnyStream::$variant(inner)) => s.on_log(inner),)*
@@ -192,7 +199,7 @@ pub fn parse(bytes: &[u8]) -> Result<Pipeline<AnyStage>, ConfigError> {
 }
 
 #[cfg(all(target_arch = "wasm32", feature = "module"))]
-meshpatterns_host::export_module!("meshpatterns", AnyStage, parse, response_headers, response_body, log, http_call_response);
+meshpatterns_host::export_module!("meshpatterns", AnyStage, parse, response_headers, response_body, log, http_call_response, grpc);
 
 #[cfg(test)]
 mod tests {
