@@ -19,6 +19,9 @@ use crate::client::Client;
 use crate::paths;
 use crate::upstream::Upstream;
 
+/// How long an Envoy may take to become ready before a test gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
 pub struct EnvoyBuilder {
     name: String,
     template: String,
@@ -178,9 +181,11 @@ impl EnvoyBuilder {
                     return Ok(envoy);
                 }
             }
-            if start.elapsed() > Duration::from_secs(30) {
+            // Generous: with a test matrix and a build sharing two cores
+            // (load average 20), Envoy took more than 30 s to load its modules.
+            if start.elapsed() > READY_TIMEOUT {
                 envoy.print_log_on_panic = false;
-                return Err(format!("Envoy not ready after 30 s\n{}", envoy.log()));
+                return Err(format!("Envoy not ready after {} s\n{}", READY_TIMEOUT.as_secs(), envoy.log()));
             }
             std::thread::sleep(Duration::from_millis(25));
         }
