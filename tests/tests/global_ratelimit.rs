@@ -24,7 +24,9 @@
 //!   gets 500 and nothing reaches the app;
 //! - the client address descriptor limits requests without an API key;
 //! - istio/rate-limiter-global.yaml carries the same filter, actions and
-//!   limits, with the RLS cluster named as Istio names the Service's cluster.
+//!   limits, with the RLS cluster named as Istio names the Service's cluster;
+//!   istio/rate-limiter-global-wasm.yaml's WasmPlugin carries the tested
+//!   global-mode plugin config (below).
 //!
 //! The same through the rate-limiter filter's global mode
 //! (envoy/rate-limiter-global-wasm.yaml: `mode: global` policies, the filter
@@ -327,7 +329,11 @@ fn client_address_descriptor_limits_requests_without_a_key() {
 // ---- the Istio manifest matches the tested config ----
 
 fn envoy_yaml() -> Value {
-    let text = std::fs::read_to_string(paths::envoy_config(CONFIG)).unwrap();
+    envoy_yaml_of(CONFIG)
+}
+
+fn envoy_yaml_of(config: &str) -> Value {
+    let text = std::fs::read_to_string(paths::envoy_config(config)).unwrap();
     let text = text.replace("{{ENDPOINTS_APP}}", "[]").replace("{{ENDPOINTS_RATELIMIT}}", "[]");
     let text = text.replace("{{ADMIN_PORT}}", "0").replace("{{LISTENER_PORT}}", "0");
     serde_norway::from_str(&text).unwrap()
@@ -673,4 +679,38 @@ fn wasm_a_limited_grpc_call_gets_resource_exhausted() {
     assert_eq!(limited["metadata"]["x-ratelimit-remaining"], "0");
     assert_eq!(limited["metadata"]["x-ratelimit-limit"], "3");
     assert_eq!(calls[0]["metadata"]["x-ratelimit-remaining"], "2");
+}
+
+// ---- the Istio WasmPlugin matches the tested global-mode config ----
+
+#[test]
+fn istio_wasmplugin_carries_the_tested_global_mode_config() {
+    let envoy = envoy_yaml_of(WASM_CONFIG);
+    let hcm = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let filter = hcm["http_filters"].as_sequence().unwrap().iter().find(|f| f["name"] == "meshpatterns.rate_limiter").unwrap();
+    let text = filter["typed_config"]["config"]["configuration"]["value"].as_str().unwrap();
+    let mut tested: serde_json::Value = serde_json::from_str(text).unwrap();
+
+    let plugins: Vec<Value> = filters::istio_documents()
+        .into_iter()
+        .filter(|(f, d)| f == "rate-limiter-global-wasm.yaml" && d["kind"] == "WasmPlugin")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(plugins.len(), 1);
+    assert_eq!(filters::filter_of_url(plugins[0]["spec"]["url"].as_str().unwrap()), "rate-limiter");
+    let mut shipped = serde_json::to_value(&plugins[0]["spec"]["pluginConfig"]).unwrap();
+    // What Istio adds to the tested config: the host it is scoped to, and an
+    // allowlist for a cluster (the tested one names a loopback address).
+    let shipped_obj = shipped.as_object_mut().unwrap();
+    assert_eq!(shipped_obj.remove("match").unwrap()["hosts"], serde_json::json!(["api.example.com"]));
+    assert!(shipped_obj.remove("allowlist").is_some());
+    tested.as_object_mut().unwrap().remove("allowlist");
+    assert_eq!(shipped, tested, "istio/rate-limiter-global-wasm.yaml: same pluginConfig as envoy/{WASM_CONFIG} (but match and allowlist)");
+    assert_eq!(shipped["rateLimitService"]["cluster"], RLS_CLUSTER);
+    for p in shipped["policies"].as_array().unwrap() {
+        assert_eq!((&p["mode"], &p["failureMode"]), (&"global".into(), &"open".into()), "{p}");
+    }
+    // The cluster is the Service that istio/rate-limiter-global.yaml defines
+    // (checked against its port and namespace above).
+    assert!(istio_docs("Service").iter().any(|s| s["metadata"]["name"] == "ratelimit"));
 }
