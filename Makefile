@@ -54,6 +54,8 @@ help: ## list the targets
 
 .PHONY: demo
 demo: toolchain envoy build ## run a local mesh (Envoy, replicas, filters) and print what to try
+	@# the global rate limit section runs the rate limit service, found next to the demo binary
+	cargo build -q --release -p meshpatterns-tests --bin rls
 	cargo run -q --release -p meshpatterns-tests --bin demo
 
 .PHONY: test

@@ -19,6 +19,8 @@ pub struct Section {
     _upstreams: Vec<Upstream>,
     /// Other servers the section runs (redis-server shards), stopped on drop.
     _servers: Vec<crate::redis::RedisServer>,
+    /// Anything else to keep running (more Envoys, the rate limit service).
+    _keep: Vec<Box<dyn std::any::Any>>,
 }
 
 /// Session-tracked service: consistent-hash in front of three replicas.
@@ -55,6 +57,7 @@ pub fn consistent_hash() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: ups,
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -116,6 +119,7 @@ pub fn experiment_splitter() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: vec![control, treatment],
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -172,6 +176,7 @@ pub fn pipeline() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: ups,
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -228,6 +233,7 @@ pub fn tls_sidecar() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: vec![app],
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -252,6 +258,7 @@ pub fn cache() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: vec![origin],
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -325,6 +332,7 @@ pub fn replicated() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: replicas,
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -380,6 +388,7 @@ pub fn shard_router() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: ups,
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -429,6 +438,7 @@ pub fn rate_limiter() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: vec![up],
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -485,6 +495,7 @@ pub fn dynamic_config() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: ups,
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -537,6 +548,7 @@ pub fn metrics_adapter() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: vec![up],
         _servers: Vec::new(),
+        _keep: Vec::new(),
     })
 }
 
@@ -571,6 +583,113 @@ pub fn redis_sharding() -> Result<Section, String> {
         _envoy: envoy,
         _upstreams: Vec::new(),
         _servers: shards,
+        _keep: Vec::new(),
+    })
+}
+
+/// The budget per API key in the global demo: 10 requests per minute.
+const GLOBAL_BUDGET: u32 = 10;
+
+/// The rate limit service binary (`rls`, a bin of the tests crate): next to
+/// the running executable (target/<profile>/demo) or one directory up (an
+/// integration test runs from target/<profile>/deps).
+fn rls_bin() -> Result<std::path::PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let dirs: Vec<&std::path::Path> = exe.ancestors().skip(1).take(2).collect();
+    dirs.iter()
+        .map(|d| d.join("rls"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("no rls binary next to {} (build it: cargo build --release -p meshpatterns-tests --bin rls)", exe.display()))
+}
+
+/// Global rate limit: two Envoys with the rate-limiter filter in global mode
+/// (envoy/rate-limiter-global-wasm.yaml), one budget kept by the rate limit
+/// service (tests/rls, counters in a redis-server).
+pub fn global_rate_limit() -> Result<Section, String> {
+    let bin = rls_bin()?;
+    let rls = crate::rls::Rls::start(&bin, "limits: []");
+    let app = Upstream::start("app");
+    let config = "rate-limiter-global-wasm.yaml";
+    let shipped = std::fs::read_to_string(crate::paths::envoy_config(config)).map_err(|e| format!("envoy/{config}: {e}"))?;
+    // A small budget to see by hand, and the RLS timeout raised from 250 ms
+    // to 5 s so that a busy machine does not turn the self-check's calls
+    // into fail-open (unlimited) requests.
+    let changes = [
+        (r#""rate": 2000, "per": "hour""#, format!(r#""rate": {GLOBAL_BUDGET}, "per": "minute""#)),
+        (r#""timeoutMs": 250"#, r#""timeoutMs": 5000"#.to_string()),
+    ];
+    let mut envoys = Vec::new();
+    for _ in 0..2 {
+        let mut b = EnvoyBuilder::new(config).endpoints("APP", std::slice::from_ref(&app)).endpoint_ports("RATELIMIT", &[rls.port]);
+        for (from, to) in &changes {
+            if !shipped.contains(from) {
+                return Err(format!("{from:?} is not in envoy/{config}"));
+            }
+            b = b.replace(from, to);
+        }
+        envoys.push(b.try_start()?);
+    }
+    let (a, b) = (envoys[0].port("ingress"), envoys[1].port("ingress"));
+    // Self-check: one key, alternating Envoys: X-RateLimit-Remaining falls
+    // by one per request across both, then 429 from either.
+    let mut clients = [Client::new(a), Client::new(b)];
+    let mut seen = Vec::new();
+    let mut limited = None;
+    for i in 0..(GLOBAL_BUDGET as usize + 5) {
+        let r = clients[i % 2].get("/", &[("x-api-key", "self-check")]);
+        let remaining = r.header("x-ratelimit-remaining").unwrap_or("none").to_string();
+        match r.status {
+            200 => seen.push(format!("{}:{remaining}", if i % 2 == 0 { "A" } else { "B" })),
+            429 => {
+                limited = Some((if i % 2 == 0 { "A" } else { "B" }, remaining, r.header("retry-after").unwrap_or("none").to_string()));
+                break;
+            }
+            s => return Err(format!("request {i} got {s}: {}", r.text())),
+        }
+    }
+    let want: Vec<String> =
+        (0..GLOBAL_BUDGET).map(|i| format!("{}:{}", if i % 2 == 0 { "A" } else { "B" }, GLOBAL_BUDGET - 1 - i)).collect();
+    if seen != want {
+        return Err(format!("admitted with remaining {seen:?}, expected {want:?} (one budget of {GLOBAL_BUDGET} across both Envoys)"));
+    }
+    let (who, remaining, retry) = limited.ok_or(format!("{} requests, none limited", GLOBAL_BUDGET + 5))?;
+    if remaining != "0" || retry == "none" {
+        return Err(format!("the 429 from Envoy {who} had x-ratelimit-remaining {remaining}, retry-after {retry}"));
+    }
+    let mut lines = vec![
+        format!("self-check: key self-check, Envoys A (:{a}) and B (:{b}) in turn -> remaining {}", seen.join(" ")),
+        format!("self-check: request {} -> 429 from Envoy {who}, x-ratelimit-remaining 0, retry-after {retry} s", GLOBAL_BUDGET + 1),
+    ];
+    lines.push(format!(
+        "budget: {GLOBAL_BUDGET} per minute per x-api-key, one fixed window in the RLS (127.0.0.1:{}, counters in redis-server 127.0.0.1:{})",
+        rls.port, rls.redis.port
+    ));
+    lines.push(String::new());
+    lines.push("try (alternating the two Envoys; a new key, or a minute later, gets a new budget):".into());
+    lines.push(format!(
+        "  for p in {a} {b} {a} {b} {a} {b} {a} {b} {a} {b} {a} {b}; do printf \"$p  \"; curl -s -o /dev/null -D - -H 'x-api-key: alice' http://127.0.0.1:$p/ | grep -i -E '^HTTP/|^x-ratelimit-remaining' | tr -d '\\r' | tr '\\n' ' '; echo; done"
+    ));
+    lines.push(format!(
+        "  curl -si -H 'x-api-key: alice' http://127.0.0.1:{b}/ | grep -i -E '^HTTP/|ratelimit|retry-after'   # 429 on either Envoy"
+    ));
+    lines.push(format!(
+        "  curl -si -H 'x-api-key: bob' http://127.0.0.1:{a}/ | grep -i x-ratelimit-remaining   # another key, its own budget"
+    ));
+    lines.push(format!(
+        "  curl -s http://127.0.0.1:{}/stats | grep -E 'rate_limiter.(rls_calls|per-api-key)'   # Envoy A's calls to the RLS",
+        envoys[0].admin_port
+    ));
+    let mut envoys = envoys.into_iter();
+    let first = envoys.next().ok_or("no Envoy")?;
+    let mut keep: Vec<Box<dyn std::any::Any>> = envoys.map(|e| Box::new(e) as Box<dyn std::any::Any>).collect();
+    keep.push(Box::new(rls));
+    Ok(Section {
+        title: "Global rate limit: two Envoys, one budget (rate-limiter global mode, rate limit service on Redis)",
+        lines,
+        _envoy: first,
+        _upstreams: vec![app],
+        _servers: Vec::new(),
+        _keep: keep,
     })
 }
 
@@ -591,6 +710,7 @@ pub fn start_all() -> Result<Vec<Section>, String> {
         ("metrics-adapter", metrics_adapter),
         ("redis-sharding", redis_sharding),
         ("pipeline", pipeline),
+        ("global-rate-limit", global_rate_limit),
         // one line per pattern: ("name", function),
     ];
     builders.into_iter().map(|(name, f)| f().map_err(|e| format!("{name}: {e}"))).collect()
