@@ -167,6 +167,31 @@ fn assert_budget(what: &str, admitted: u64, budget: u64) {
     eprintln!("{what}: {admitted} admitted for a budget of {budget} (overshoot {})", admitted - budget);
 }
 
+/// With the RLS frozen, 100 requests all pass unlimited (fail open after
+/// the timeout) and none hangs.
+fn assert_frozen_requests_pass(envoys: &[Envoy], key: &[(&str, &str)], what: &str) {
+    let frozen = burst(envoys, 100, key);
+    assert!(frozen.other.is_empty(), "{frozen:?}");
+    assert_eq!(frozen.unlimited, 100, "{frozen:?}");
+    assert!(frozen.slowest < NO_HANG, "slowest request {:?} with the RLS frozen", frozen.slowest);
+    eprintln!("{what}, slowest {:?}", frozen.slowest);
+}
+
+/// After the RLS thaws, limiting resumes: what the RLS admitted stays within
+/// the budget and the rest is refused. Calls Envoy gave up on (while frozen,
+/// or slower than the timeout on a busy machine: those pass unlimited) may
+/// still be counted once the RLS gets to them, so the RLS may admit less than B.
+fn assert_limiting_resumed(envoys: &[Envoy], key: &[(&str, &str)], what: &str) {
+    let after = burst(envoys, (B + B / 4) as usize, key);
+    assert!(after.other.is_empty() && after.slowest < NO_HANG, "{after:?}");
+    assert!(after.admitted <= B + B / 100, "{after:?}");
+    assert!(after.limited > 0, "limiting resumed: {after:?}");
+    eprintln!(
+        "{what}: {} admitted by the RLS (budget {B}), {} limited, {} passed on timeouts",
+        after.admitted, after.limited, after.unlimited
+    );
+}
+
 /// Wait until the RLS answers again (a request carrying rate limit headers);
 /// returns how many probes it took.
 fn wait_rls_answers(envoy: &Envoy, key: &str) -> u64 {
@@ -252,26 +277,11 @@ fn rls_frozen_answers_after_the_timeout_then_limiting_resumes() {
     let key = [("x-api-key", "frozen")];
 
     rls.freeze();
-    let frozen = burst(&envoys, 100, &key);
-    assert!(frozen.other.is_empty(), "{frozen:?}");
-    assert_eq!(frozen.unlimited, 100, "{frozen:?}");
-    assert!(frozen.slowest < NO_HANG, "slowest request {:?} with the RLS frozen", frozen.slowest);
-    eprintln!("RLS frozen: 100 of 100 admitted unlimited after the timeout, slowest {:?}", frozen.slowest);
+    assert_frozen_requests_pass(&envoys, &key, "RLS frozen: 100 of 100 admitted unlimited after the timeout");
 
     rls.thaw();
     wait_rls_answers(&envoys[0], "probe");
-    let after = burst(&envoys, (B + B / 4) as usize, &key);
-    assert!(after.other.is_empty() && after.slowest < NO_HANG, "{after:?}");
-    // Limiting resumed: what the RLS admitted stays within the budget and the
-    // rest is refused. Calls Envoy gave up on (while frozen, or slower than
-    // 0.25 s on a busy machine: those pass unlimited) may still be counted
-    // once the RLS gets to them, so the RLS may admit less than B.
-    assert!(after.admitted <= B + B / 100, "{after:?}");
-    assert!(after.limited > 0, "limiting resumed: {after:?}");
-    eprintln!(
-        "RLS thawed: {} admitted by the RLS (budget {B}), {} limited, {} passed on timeouts",
-        after.admitted, after.limited, after.unlimited
-    );
+    assert_limiting_resumed(&envoys, &key, "RLS thawed");
 }
 
 #[test]
@@ -550,11 +560,7 @@ fn wasm_rls_frozen_answers_after_the_timeout_then_limiting_resumes() {
     let key = [("x-api-key", "frozen")];
 
     rls.freeze();
-    let frozen = burst(&envoys, 100, &key);
-    assert!(frozen.other.is_empty(), "{frozen:?}");
-    assert_eq!(frozen.unlimited, 100, "{frozen:?}");
-    assert!(frozen.slowest < NO_HANG, "slowest request {:?} with the RLS frozen", frozen.slowest);
-    eprintln!("global mode, RLS frozen: 100 of 100 admitted unlimited after the 250 ms timeout, slowest {:?}", frozen.slowest);
+    assert_frozen_requests_pass(&envoys, &key, "global mode, RLS frozen: 100 of 100 admitted unlimited after the 250 ms timeout");
     // Clients that give up while their call is in flight: the streams end,
     // their calls are cancelled, nothing is left waiting.
     for _ in 0..20 {
@@ -566,14 +572,7 @@ fn wasm_rls_frozen_answers_after_the_timeout_then_limiting_resumes() {
 
     rls.thaw();
     wait_rls_answers(&envoys[0], "probe");
-    let after = burst(&envoys, (B + B / 4) as usize, &key);
-    assert!(after.other.is_empty() && after.slowest < NO_HANG, "{after:?}");
-    assert!(after.admitted <= B + B / 100, "{after:?}");
-    assert!(after.limited > 0, "limiting resumed: {after:?}");
-    eprintln!(
-        "global mode, RLS thawed: {} admitted by the RLS (budget {B}), {} limited, {} passed on timeouts",
-        after.admitted, after.limited, after.unlimited
-    );
+    assert_limiting_resumed(&envoys, &key, "global mode, RLS thawed");
 }
 
 #[test]
