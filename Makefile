@@ -137,6 +137,8 @@ cargo-fuzz: toolchain ## install cargo-fuzz $(CARGO_FUZZ_VERSION) into .tools
 
 .PHONY: bench
 bench: envoy build ## benchmark every filter against baseline, empty filter and Envoy-native (writes BENCHMARKS.md)
+	@# the global-rate-limit group runs the rate limit service (tests/rls) on a real redis-server
+	cargo build -q --release -p meshpatterns-tests --bin rls
 	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
 
 # The soak (tests/src/bin/soak.rs; results in RELIABILITY.md): every module at

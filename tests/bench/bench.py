@@ -27,12 +27,14 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import http.client
+import urllib.parse
 import urllib.request
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -51,6 +53,10 @@ ROOT_CALLBACKS = {"proxy_on_memory_allocate", "proxy_on_context_create", "proxy_
                   "proxy_on_http_call_response", "proxy_on_grpc_receive", "proxy_on_grpc_close",
                   "proxy_on_grpc_receive_initial_metadata", "proxy_on_grpc_receive_trailing_metadata"}
 
+# The filters' configs say `"filterState": false`: no scenario has an access
+# log, and a deployment without one turns the recording off (one hostcall per
+# value); `pipeline-filter-state` shows what the default (on) costs.
+#
 # Every scenario: its config (envoy/bench-<name>.yaml), its kind, the request
 # header wrk puts the varying session key in, the .wasm it loads (for the
 # size table and the pre-flight check), whether the same key must reach the
@@ -148,6 +154,34 @@ SCENARIOS = {
         "sticky": False,
         "about": "Envoy local_ratelimit, one bucket per proxy, budget never used up, X-RateLimit-* headers (no wasm)",
     },
+    # Global rate limiting (issue 14): the rate limit service (tests/rls on a
+    # real redis-server, started by this script beside the upstream) keeps
+    # the budget; every request is one gRPC call from Envoy to it. Both
+    # scenarios check after each run that no call failed (a failed call
+    # admits the request unlimited, which would look cheaper).
+    "rate-limiter-global": {
+        "kind": "filter",
+        "header": "x-user-id",
+        "wasm": ["rate_limiter"],
+        "sticky": False,
+        "rls": True,
+        "noop_target": False,  # a gRPC call per request: compared with native-ratelimit, not with noop
+        "expect_header": "x-ratelimit-limit",  # the service's answer reached the filter
+        "zero_stats": r"meshpatterns\.rate_limiter\.(fail_open|fail_closed|rls_errors)$",
+        "about": "rate-limiter `mode: global`: one policy keyed by x-user-id, budget never used up, one gRPC call to "
+                 "the RLS (Redis-backed) per request, X-RateLimit-* headers from its answer",
+    },
+    "native-ratelimit": {
+        "kind": "native",
+        "header": "x-user-id",
+        "wasm": [],
+        "sticky": False,
+        "rls": True,
+        "expect_header": "x-ratelimit-limit",
+        "zero_stats": r"ratelimit\.(error|failure_mode_allowed)$",
+        "about": "Envoy ratelimit filter: descriptor from x-user-id, the same RLS and Redis, budget never used up, "
+                 "X-RateLimit-* headers (no wasm)",
+    },
     "experiment-splitter": {
         "kind": "filter",
         "header": "x-user-id",
@@ -187,6 +221,14 @@ SCENARIOS = {
         "anchor_target": 1.5,
         "noop_target": False,  # three stages: issue 11's target is against anchor-sdk
         "about": "the meshpatterns pipeline module: the same three stages and configs in one module, Maglev",
+    },
+    "pipeline-filter-state": {
+        "kind": "filter",
+        "header": "x-user-id",
+        "wasm": ["meshpatterns"],
+        "sticky": True,
+        "noop_target": False,
+        "about": "the same pipeline with the stages' default filterState: true (4 decisions recorded for access logs)",
     },
     "anchor-sdk": {
         "kind": "anchor",
@@ -236,7 +278,9 @@ GROUPS = {
     "rate-limiter": ["rate-limiter", "native-local-ratelimit"],
     "experiment-splitter": ["experiment-splitter", "native-weighted-clusters"],
     "cache": ["cache-off", "cache"],
-    "pipeline": ["rate-limiter", "consistent-hash", "metrics-adapter", "chain-3", "pipeline", "anchor-sdk", "anchor-raw"],
+    "pipeline": ["rate-limiter", "consistent-hash", "metrics-adapter", "chain-3", "pipeline", "pipeline-filter-state",
+                 "anchor-sdk", "anchor-raw"],
+    "global-rate-limit": ["rate-limiter", "native-local-ratelimit", "rate-limiter-global", "native-ratelimit"],
 }
 ALWAYS = ["baseline", "noop"]
 
@@ -274,6 +318,15 @@ class BenchError(Exception):
     pass
 
 
+# The rate limit service's limits file for the scenarios with "rls": the
+# native filter's descriptor (the wasm filter sends its policy's window as
+# an override and needs no entry). A budget no run uses up.
+RLS_LIMITS = """limits:
+- {name: bench-per-user, domain: bench, descriptor: [{key: user}], max: 1000000000, seconds: 1}
+"""
+RLS_ENDPOINTS = []  # [port] of the running rate limit service, set by start_rls
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -303,6 +356,11 @@ def render(name, template, wasm_dir, endpoints):
             value = wasm_dir
         elif key == "ACCESS_LOG":
             value = "/dev/stdout"
+        elif key == "ENDPOINTS_RATELIMIT":
+            if not RLS_ENDPOINTS:
+                raise BenchError("%s: {{ENDPOINTS_RATELIMIT}} but no rate limit service runs; give the scenario "
+                                 "\"rls\": True" % name)
+            value = endpoint_list(RLS_ENDPOINTS)
         elif key.startswith("ENDPOINTS_"):
             value = endpoint_list(endpoints)
         elif key.endswith("_PORT"):
@@ -533,6 +591,11 @@ def check_scenario(name, scenario, port):
     has checks of its own (check_cache_scenario)."""
     if scenario.get("check", "replicas") != "replicas":
         return check_cache_scenario(name, scenario, port)
+    if "expect_header" in scenario:
+        status, headers, body = http_get_headers(port, "/", {scenario["header"]: "pre-check"})
+        if status != 200 or scenario["expect_header"] not in headers:
+            raise BenchError("%s: pre-check got %d without %s (headers %s): is the rate limit service answering?" % (
+                name, status, scenario["expect_header"], headers))
     seen = set()
     for k in range(12):
         key = "%016x" % (k * 7919 % scenario.get("keys", 1 << 64))
@@ -565,6 +628,69 @@ def ingress_port(envoy, name):
     return ports["ingress"]
 
 
+def nonzero_stats(envoy, scenario):
+    """The sum of the counters matching the scenario's "zero_stats" regex
+    (calls to the rate limit service that failed: the request passed
+    unlimited and cheaper), logged when not 0; counted as errors."""
+    pattern = scenario.get("zero_stats")
+    if not pattern:
+        return 0
+    time.sleep(1.2)  # the wasm filter flushes its batched counters at least once a second
+    text = envoy.admin("/stats?usedonly&filter=" + urllib.parse.quote(pattern))
+    bad = 0
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit() and int(value):
+            bad += int(value)
+            log("  warning: %s = %s (calls to the rate limit service failed)" % (name, value.strip()))
+    return bad
+
+
+def start_rls(procs, workdir, cpu):
+    """redis-server and the rate limit service (tests/rls, built by `make
+    bench`) on `cpu`, beside the upstream; sets RLS_ENDPOINTS."""
+    rls_bin = os.path.join(REPO, "target", "release", "rls")
+    if not os.access(rls_bin, os.X_OK):
+        raise BenchError("%s not built: `cargo build --release -p meshpatterns-tests --bin rls` (make bench does)" % rls_bin)
+    if shutil.which("redis-server") is None:
+        raise BenchError("redis-server not found: apt-get install redis-server (`make apt-tools`)")
+    d = tempfile.mkdtemp(prefix="rls-", dir=workdir)
+    redis_port = free_port()
+    procs.start(pinned(cpu) + ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                               "--appendonly", "no", "--logfile", os.path.join(d, "redis.log")])
+    with open(os.path.join(d, "limits.yaml"), "w") as f:
+        f.write(RLS_LIMITS)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", redis_port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError("redis-server did not answer on port %d; see %s" % (redis_port, d))
+        time.sleep(0.1)
+    log_file = open(os.path.join(d, "rls.log"), "w")
+    p = procs.start(pinned(cpu) + [rls_bin, "--config", os.path.join(d, "limits.yaml"),
+                                   "--redis", "redis://127.0.0.1:%d" % redis_port, "--listen", "127.0.0.1:0"],
+                    stdout=subprocess.PIPE, stderr=log_file, text=True)
+    line = p.stdout.readline()  # the bound address, printed once it listens
+    try:
+        port = int(line.strip().rsplit(":", 1)[-1])
+    except ValueError:
+        raise BenchError("the rate limit service did not start (first line %r); see %s" % (line, d))
+    RLS_ENDPOINTS[:] = [port]
+    log("rate limit service on 127.0.0.1:%d, Redis on %d" % (port, redis_port))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure(procs, args, name, scenario, upstream_ports, workdir, cpus, first):
     text = scenario_config(args, name, upstream_ports)
     envoy = Envoy(procs, args.envoy, cpus[0], name, text, workdir)
@@ -582,6 +708,7 @@ def measure(procs, args, name, scenario, upstream_ports, workdir, cpus, first):
                       scenario.get("path", "/"))
         wall = time.monotonic() - w0
         t1 = envoy.cpu_ticks()
+        failed_calls = nonzero_stats(envoy, scenario)
     finally:
         envoy.stop()
     shutil.rmtree(envoy.dir, ignore_errors=True)  # kept (under the run's directory) when the run failed
@@ -589,7 +716,7 @@ def measure(procs, args, name, scenario, upstream_ports, workdir, cpus, first):
     if requests <= 0:
         raise BenchError("%s: wrk completed no requests" % name)
     cpu_s = (t1 - t0) / tck
-    errors = sum(res["errors"].values())
+    errors = sum(res["errors"].values()) + failed_calls
     return {
         "scenario": name,
         "rps": requests / (res["duration_us"] / 1e6),
@@ -785,11 +912,18 @@ def count_instructions(procs, args, name, scenario, upstream_ports, workdir, cpu
             time.sleep(args.callgrind_idle)
             idle_s = time.monotonic() - i0
             idle_total = callgrind_dump(cgdir, envoy.pid, name)
+        errors += nonzero_stats(envoy, scenario)
     finally:
         if client is not None:
             client.close()
         envoy.stop()
     shutil.rmtree(envoy.dir, ignore_errors=True)
+    if args.keep_callgrind:
+        kept = os.path.join(args.keep_callgrind, name)
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(cgdir, kept)
+        log("  callgrind output of %s kept in %s (callgrind_annotate --inclusive=yes %s/callgrind.out.*)" % (
+            name, kept, kept))
     shutil.rmtree(cgdir, ignore_errors=True)
     idle_rate = idle_total / idle_s if idle_s > 0 else 0.0
     corrected = total - idle_rate * measured_s
@@ -1308,6 +1442,8 @@ def parse_args(argv):
     p.add_argument("--callgrind-idle", type=float, default=10,
                    help="seconds without requests after the count, to measure and subtract Envoy's clock-driven "
                         "work (default 10; 0: no correction)")
+    p.add_argument("--keep-callgrind", metavar="DIR", default=None,
+                   help="keep each scenario's callgrind output in DIR/<scenario>/ (to see where the instructions go)")
     p.add_argument("--callgrind-ready-timeout", type=float, default=300,
                    help="seconds Envoy under valgrind may take to become ready (default 300)")
     p.add_argument("--valgrind-envoy", default=None,
@@ -1489,6 +1625,8 @@ def main(argv):
             up_text = render("envoy/" + UPSTREAM_CONFIG, f.read(), args.wasm_dir, [])
         upstream = Envoy(procs, args.envoy, cpus[1], "upstream", up_text, workdir)
         up_ports = [p for n, p in sorted(upstream.ports().items())]
+        if any(SCENARIOS[n].get("rls") for n in names + memory_names):
+            start_rls(procs, workdir, cpus[1])
         if len(up_ports) != REPLICAS:
             raise BenchError("upstream has %d listeners, expected %d" % (len(up_ports), REPLICAS))
         if "cpu" in args.measure:

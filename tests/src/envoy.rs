@@ -377,5 +377,10 @@ impl Drop for Envoy {
                 tail.join("\n")
             );
         }
+        // A passing test leaves nothing behind (a soak's access log alone runs to
+        // hundreds of MB); a failing one keeps its directory for the post-mortem.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
