@@ -46,7 +46,7 @@ impl fmt::Display for ConfigError {
         if self.field == "(document)" {
             write!(f, "invalid plugin config: {}", self.value)
         } else if self.value == "(unknown field)" {
-            let name = self.field.rsplit(['.', ']']).next().unwrap_or(&self.field);
+            let name = last_key(&self.field);
             write!(f, "invalid plugin config: unknown field `{name}` at `{}`; allowed: {}", self.field, self.allowed)
         } else {
             write!(f, "invalid plugin config: field `{}` has value {}; allowed: {}", self.field, self.value, self.allowed)
@@ -75,7 +75,7 @@ pub fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {
         let field = path_text(e.path(), "");
         let msg = strip_position(&e.inner().to_string());
         match between(&msg, "the key `", "` appears twice") {
-            Some(key) => ConfigError::new(join(&field, key), "(repeated)", "each key once per object"),
+            Some(key) => ConfigError::new(join(&field, &key_segment(key)), "(repeated)", "each key once per object"),
             None if field.is_empty() => ConfigError::syntax(format!("not valid JSON: {msg}")),
             None => ConfigError::new(field, "(not valid JSON)", msg),
         }
@@ -97,8 +97,9 @@ pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value, prefix: 
             return ConfigError::new(field, "(missing)", "a value: this field is required");
         }
         if let Some(unknown) = between(&msg, "unknown field `", "`") {
-            if !field.ends_with(unknown) {
-                field = join(&field, unknown);
+            let segment = key_segment(unknown);
+            if !field.ends_with(&segment) {
+                field = join(&field, &segment);
             }
             let allowed = msg.split_once(", expected ").map(|(_, a)| a.to_string()).unwrap_or_else(|| "no fields here".into());
             return ConfigError::new(field, "(unknown field)", allowed);
@@ -115,12 +116,47 @@ pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value, prefix: 
     })
 }
 
-fn join(parent: &str, child: &str) -> String {
-    if parent.is_empty() {
-        child.to_string()
+/// `parent.child`, or `parent["..."]` for a child that is a quoted key
+/// segment (see [`key_segment`]).
+pub fn join(parent: &str, child: &str) -> String {
+    if parent.is_empty() || child.starts_with('[') {
+        format!("{parent}{child}")
     } else {
         format!("{parent}.{child}")
     }
+}
+
+/// How an object key appears in a field path: as it is when it is a plain
+/// name (letters, digits, `_`, `-`, `:`), else as a JSON string in brackets
+/// (`[""]`, `["a.b"]`, `["[x"]`), so that every path reads one way and
+/// `at` joins it the same way the pipeline's prefix does.
+pub fn key_segment(key: &str) -> String {
+    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':'));
+    if plain {
+        key.to_string()
+    } else {
+        format!("[{}]", serde_json::Value::String(key.to_string()))
+    }
+}
+
+/// The last key of a field path, for "unknown field `name`": the plain name
+/// after the last `.`, or a bracketed key's JSON string.
+fn last_key(field: &str) -> &str {
+    if field.ends_with("\"]") {
+        if let Some(i) = field.rfind("[\"") {
+            // The bracketed segment may itself contain `["`: take the last
+            // one that parses as the whole remaining JSON string.
+            let mut at = Some(i);
+            while let Some(j) = at {
+                let seg = field.get(j + 1..field.len() - 1).unwrap_or("");
+                if serde_json::from_str::<String>(seg).is_ok() {
+                    return seg;
+                }
+                at = field.get(..j).and_then(|f| f.rfind("[\""));
+            }
+        }
+    }
+    field.rsplit(['.', ']']).next().unwrap_or(field)
 }
 
 fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
@@ -170,12 +206,7 @@ fn path_text(path: &serde_path_to_error::Path, prefix: &str) -> String {
     for seg in path.iter() {
         match seg {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
+            Segment::Map { key } | Segment::Enum { variant: key } => out = join(&out, &key_segment(key)),
             Segment::Unknown => {}
         }
     }
@@ -303,6 +334,35 @@ mod tests {
             assert_eq!(err(json).field, field, "{json}: {}", err(json));
             assert!(!err(json).to_string().contains(" column "), "{json}: {}", err(json));
         }
+    }
+
+    #[test]
+    fn odd_keys_are_quoted_alike_by_every_path() {
+        for (json, field, name) in [
+            (r#"{"policies":[{"rate":1,"":2}]}"#, r#"policies[0][""]"#, r#""""#),
+            (r#"{"policies":[{"rate":1,"[olicies":2}]}"#, r#"policies[0]["[olicies"]"#, r#""[olicies""#),
+            (r#"{"policies":[{"rate":1,"a.b":2}]}"#, r#"policies[0]["a.b"]"#, r#""a.b""#),
+            (r#"{"policies":[],"":1,"":2}"#, r#"[""]"#, r#""""#),
+            (r#"{"":1}"#, r#"[""]"#, r#""""#),
+        ] {
+            let e = err(json);
+            assert_eq!(e.field, field, "{json}: {e}");
+            if e.value == "(unknown field)" {
+                assert!(e.to_string().contains(&format!("unknown field `{name}` at `{field}`")), "{e}");
+            }
+            // Joined under a parent as the pipeline's prefix joins it.
+            assert_eq!(
+                e.at("stages[0].rateLimit").field,
+                format!("stages[0].rateLimit{}", if field.starts_with('[') { field.to_string() } else { format!(".{field}") })
+            );
+            // (A repeated key fails before, in `parse_value`, with no prefix.)
+            if let Ok(v) = parse_value(json.as_bytes()) {
+                let piped = from_value::<Doc>(v, "stages[0].rateLimit").map(|_| ()).unwrap_err();
+                assert_eq!(piped.field, err(json).at("stages[0].rateLimit").field, "{json}");
+            }
+        }
+        assert_eq!(key_segment("x-api-key"), "x-api-key");
+        assert_eq!(key_segment(r#"a"]"#), r#"["a\"]"]"#);
     }
 
     #[test]

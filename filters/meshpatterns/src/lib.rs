@@ -19,7 +19,7 @@
 //!
 //! The patterns are registered once, in the [`stages!`] list below.
 
-use meshpatterns_core::error::parse_value;
+use meshpatterns_core::error::{join, key_segment, parse_value};
 use meshpatterns_core::ConfigError;
 use meshpatterns_host::stage::{build_stage, Scoped};
 use meshpatterns_host::{Body, BodyFlow, Flow, GrpcResponse, HttpCallResponse, Pattern, Pipeline, Request, Response, Stage};
@@ -169,7 +169,7 @@ pub fn parse(bytes: &[u8]) -> Result<Pipeline<AnyStage>, ConfigError> {
         return Err(ConfigError::new("(document)", "not an object", "an object with `stages`"));
     };
     if let Some(k) = obj.keys().find(|k| *k != "stages") {
-        return Err(ConfigError::new(k.clone(), "(unknown field)", "`stages`"));
+        return Err(ConfigError::new(key_segment(k), "(unknown field)", "`stages`"));
     }
     let Some(serde_json::Value::Array(list)) = obj.remove("stages") else {
         return Err(ConfigError::new("stages", "(missing or not a list)", format!("a list of 1..={MAX_STAGES} stages")));
@@ -188,7 +188,7 @@ pub fn parse(bytes: &[u8]) -> Result<Pipeline<AnyStage>, ConfigError> {
             return Err(ConfigError::new(at, format!("keys {keys:?}"), format!("exactly one key of {}", STAGE_KEYS.join(", "))));
         }
         for (key, value) in map {
-            let path = format!("{at}.{key}");
+            let path = join(&at, &key_segment(&key));
             match build_any(&key, value, &path)? {
                 Some(s) => stages.push(s),
                 None => return Err(ConfigError::new(path, "(unknown field)", format!("one of {}", STAGE_KEYS.join(", ")))),
