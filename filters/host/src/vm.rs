@@ -93,25 +93,36 @@ impl<S: Stage> Vm<S> {
         }
     }
 
+    /// Run request-side stage work on stream `id` (its headers read once,
+    /// as a [`Request`]): `f` decides, then the header changes and filter
+    /// state are applied, the gRPC calls it made are mapped to the stream,
+    /// and the stream is marked held if it waits. `None`: no such stream.
+    /// The VM state is borrowed only inside; the caller acts on the outcome.
+    fn request_side(
+        vm: &RefCell<Vm<S>>,
+        id: u32,
+        f: impl FnOnce(&Pipeline<S>, &mut Request<'_>, &mut StreamState<S>) -> RequestOutcome,
+    ) -> Option<RequestOutcome> {
+        let mut guard = vm.borrow_mut();
+        let grpc = guard.grpc;
+        let stream = guard.streams.get_mut(&id)?;
+        let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
+        let mut req = Request::new(&headers, id);
+        req.grpc = grpc;
+        let root = Rc::clone(&stream.root);
+        let outcome = f(&root, &mut req, &mut stream.state);
+        stream.held = matches!(outcome, RequestOutcome::Pause);
+        let calls = req.take_calls();
+        req.apply();
+        for t in calls {
+            guard.grpc_calls.insert(t, id);
+        }
+        Some(outcome)
+    }
+
     /// `proxy_on_request_headers`.
     pub fn request_headers(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
-        let outcome = {
-            let mut guard = vm.borrow_mut();
-            let grpc = guard.grpc;
-            let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
-            let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
-            let mut req = Request::new(&headers, id);
-            req.grpc = grpc;
-            let root = Rc::clone(&stream.root);
-            let outcome = root.on_request(&mut req, &mut stream.state);
-            stream.held = matches!(outcome, RequestOutcome::Pause);
-            let calls = req.take_calls();
-            req.apply();
-            for t in calls {
-                guard.grpc_calls.insert(t, id);
-            }
-            outcome
-        };
+        let Some(outcome) = Self::request_side(vm, id, |root, req, st| root.on_request(req, st)) else { return CONTINUE };
         // Envoy runs this module's response callbacks for the local reply
         // before `send_local_response` returns: no borrow may be held here.
         match outcome {
@@ -146,35 +157,30 @@ impl<S: Stage> Vm<S> {
     /// token names the stream. The stream's stages decide, then the request
     /// goes on, or gets a local reply, with the stream as effective context.
     pub fn grpc_done(vm: &RefCell<Vm<S>>, token: u32, status: u32, size: usize) {
-        let outcome = {
+        let stream_id = {
             let mut guard = vm.borrow_mut();
             let Some(stream_id) = guard.grpc_calls.remove(&token) else { return };
-            let grpc = guard.grpc;
-            let Some(stream) = guard.streams.get_mut(&stream_id) else { return };
+            if !guard.streams.contains_key(&stream_id) {
+                return;
+            }
             if let Err(s) = abi::set_effective_context(stream_id) {
                 log::warn!("{}: stream {stream_id} is gone (status {s})", guard.module);
                 return;
             }
-            let message = if status == 0 && size > 0 {
-                abi::get_buffer(abi::Buffer::GrpcReceive, 0, size).ok().flatten().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            let call = GrpcResponse { token, status, message };
-            let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
-            let mut req = Request::new(&headers, stream_id);
-            req.grpc = grpc;
-            let root = Rc::clone(&stream.root);
-            // A stage that does not know the token: let the request go on
-            // rather than hold it for ever.
-            let outcome = root.on_grpc_response(&mut req, &call, &mut stream.state).unwrap_or(RequestOutcome::Continue);
-            stream.held = matches!(outcome, RequestOutcome::Pause);
-            let calls = req.take_calls();
-            req.apply();
-            for t in calls {
-                guard.grpc_calls.insert(t, stream_id);
-            }
-            outcome
+            stream_id
+        };
+        let message = if status == 0 && size > 0 {
+            abi::get_buffer(abi::Buffer::GrpcReceive, 0, size).ok().flatten().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let call = GrpcResponse { token, status, message };
+        // A stage that does not know the token: let the request go on
+        // rather than hold it for ever.
+        let Some(outcome) =
+            Self::request_side(vm, stream_id, |root, req, st| root.on_grpc_response(req, &call, st).unwrap_or(RequestOutcome::Continue))
+        else {
+            return;
         };
         match outcome {
             RequestOutcome::Reply(r) => send(&r),
