@@ -23,13 +23,7 @@ impl ConfigError {
     /// The same error reported under a parent path: `at("sessionCookie")` turns
     /// `name` into `sessionCookie.name`.
     pub fn at(mut self, parent: &str) -> Self {
-        self.field = if self.field.is_empty() {
-            parent.to_string()
-        } else if self.field.starts_with('[') {
-            format!("{parent}{}", self.field)
-        } else {
-            format!("{parent}.{}", self.field)
-        };
+        self.field = if self.field.is_empty() { parent.to_string() } else { join(parent, &self.field) };
         self
     }
 

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::cell::OnceCell;
 
-use meshpatterns_core::error::{from_value, parse_value};
+use meshpatterns_core::error::{from_value, join, parse_value};
 use meshpatterns_core::scope::{MatchConfig, Matcher};
 use meshpatterns_core::{ConfigError, RequestView};
 use serde::de::DeserializeOwned;
@@ -466,14 +466,6 @@ pub fn take_scope(v: &mut serde_json::Value, at: &str) -> Result<(Option<Matcher
         Some(b) => from_value::<bool>(b, &join(at, FILTER_STATE_KEY))?,
     };
     Ok((scope, fs))
-}
-
-fn join(a: &str, b: &str) -> String {
-    if a.is_empty() {
-        b.to_string()
-    } else {
-        format!("{a}.{b}")
-    }
 }
 
 /// Parse and build one pattern's stage from its config value; errors name
