@@ -81,11 +81,10 @@ pub fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {
 /// Deserialize `T` from a parsed value; errors name the field under `prefix`
 /// (`stages[1].rateLimit`), the value found there, and what the field allows.
 pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value, prefix: &str) -> Result<T, ConfigError> {
-    let copy = v.clone();
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let msg = e.inner().to_string();
-        let mut field = path_text(e.path(), prefix);
-        let found = lookup(&copy, e.path());
+    crate::de::from_value(&v).map_err(|(e, path)| {
+        let msg = e.0;
+        let mut field = seg_text(&path, prefix);
+        let found = lookup(&v, &path);
         if let Some(missing) = between(&msg, "missing field `", "`") {
             field = join(&field, missing);
             return ConfigError::new(field, "(missing)", "a value: this field is required");
@@ -207,14 +206,25 @@ fn path_text(path: &serde_path_to_error::Path, prefix: &str) -> String {
     out
 }
 
-fn lookup<'a>(v: &'a serde_json::Value, path: &serde_path_to_error::Path) -> Option<&'a serde_json::Value> {
-    use serde_path_to_error::Segment;
+fn seg_text(path: &[crate::de::Seg], prefix: &str) -> String {
+    use crate::de::Seg;
+    let mut out = prefix.to_string();
+    for seg in path {
+        match seg {
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            Seg::Key(key) => out = join(&out, &key_segment(key)),
+        }
+    }
+    out
+}
+
+fn lookup<'a>(v: &'a serde_json::Value, path: &[crate::de::Seg]) -> Option<&'a serde_json::Value> {
+    use crate::de::Seg;
     let mut cur = v;
-    for seg in path.iter() {
+    for seg in path {
         cur = match seg {
-            Segment::Seq { index } => cur.get(*index)?,
-            Segment::Map { key } | Segment::Enum { variant: key } => cur.get(key.as_str())?,
-            Segment::Unknown => return Some(cur),
+            Seg::Index(i) => cur.get(*i)?,
+            Seg::Key(key) => cur.get(key.as_str())?,
         };
     }
     Some(cur)
