@@ -1,6 +1,8 @@
 //! The session decision, free of proxy-wasm: which key identifies the session,
 //! what goes into the hash header, and whether a session cookie is issued.
 
+use std::borrow::Cow;
+
 use meshpatterns_core::cookie::{CookieConfig, CookieSpec};
 use meshpatterns_core::error::ConfigError;
 use meshpatterns_core::hash::{hash64, hex16};
@@ -67,7 +69,7 @@ impl Settings {
             // user did not list it as a source, it is tried last.
             let listed = keys.sources.iter().any(|s| matches!(s, KeySource::Cookie(n) if *n == ck.name));
             if !listed {
-                keys.sources.push(KeySource::Cookie(ck.name.clone()));
+                keys.push(KeySource::Cookie(ck.name.clone()));
             }
             if keys.fallback.is_some() {
                 return Err(ConfigError::new(
@@ -93,9 +95,9 @@ impl Settings {
 
 /// Where the session key came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
+pub enum Source<'a> {
     /// A configured key source (its label, such as `cookie:sid`).
-    Matched(String),
+    Matched(Cow<'a, str>),
     /// The literal fallback key.
     Fallback,
     /// No key: a new session id was minted and a cookie will be issued.
@@ -104,7 +106,7 @@ pub enum Source {
     None,
 }
 
-impl Source {
+impl Source<'_> {
     pub fn label(&self) -> &str {
         match self {
             Source::Matched(l) => l,
@@ -117,8 +119,8 @@ impl Source {
 
 /// What the glue applies to the request and response.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub source: Source,
+pub struct Decision<'a> {
+    pub source: Source<'a>,
     /// Value for the hash header; `None` removes any client-sent copy and
     /// leaves the choice to Envoy's load balancer.
     pub header_value: Option<String>,
@@ -128,7 +130,7 @@ pub struct Decision {
 
 /// Decide for one request. `mint` makes a new session id (cookie-safe text)
 /// and is called only when a cookie is to be issued.
-pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String) -> Decision {
+pub fn decide<'a>(s: &'a Settings, req: &dyn RequestView, mint: impl FnOnce() -> String) -> Decision<'a> {
     if let Some(m) = s.keys.extract(req) {
         let source = if m.source.is_some() { Source::Matched(s.keys.label(&m)) } else { Source::Fallback };
         return Decision { source, header_value: Some(header_value(s, &m.value)), set_cookie: None };

@@ -49,7 +49,9 @@ impl Stage for ConsistentHash {
         let d = decide(s, &*req, || mint_id(id));
         match d.header_value {
             Some(v) => {
-                req.record(STATE_HASH, v.clone());
+                if req.records_state() {
+                    req.record(STATE_HASH, v.clone());
+                }
                 req.set_header(&s.hash_header, v);
             }
             None if client_sent => req.remove_header(&s.hash_header),
@@ -60,7 +62,9 @@ impl Stage for ConsistentHash {
         }
         // No clear_route_cache: the route does not depend on the hash header;
         // Envoy's hash_policy reads it when the router picks the host.
-        req.record(STATE_SOURCE, d.source.label());
+        if req.records_state() {
+            req.record(STATE_SOURCE, d.source.label());
+        }
         match d.source {
             Source::Matched(_) => self.metrics.keyed.inc(),
             Source::Fallback => self.metrics.fallback.inc(),

@@ -317,6 +317,8 @@ pub struct KeySpecConfig {
 pub struct KeySpec {
     pub sources: Vec<KeySource>,
     pub fallback: Option<String>,
+    /// Each source's label, made once (see [`KeySpec::label`]).
+    labels: Vec<String>,
 }
 
 /// The key found for a request and where it came from.
@@ -364,7 +366,14 @@ impl KeySpec {
                 ));
             }
         }
-        Ok(KeySpec { sources, fallback: fallback.map(str::to_string) })
+        let labels = sources.iter().map(KeySource::label).collect();
+        Ok(KeySpec { sources, fallback: fallback.map(str::to_string), labels })
+    }
+
+    /// Add a source after the configured ones.
+    pub fn push(&mut self, source: KeySource) {
+        self.labels.push(source.label());
+        self.sources.push(source);
     }
 
     /// Try the sources in order, then the fallback.
@@ -377,8 +386,16 @@ impl KeySpec {
     }
 
     /// Label of the source that produced `m` (`fallback` for the literal).
-    pub fn label(&self, m: &KeyMatch) -> String {
-        m.source.and_then(|i| self.sources.get(i)).map(KeySource::label).unwrap_or_else(|| "fallback".into())
+    /// Borrowed from the labels made with the spec: the request path
+    /// allocates nothing for it.
+    pub fn label(&self, m: &KeyMatch) -> Cow<'_, str> {
+        let Some(i) = m.source else { return Cow::Borrowed("fallback") };
+        match (self.labels.get(i), self.sources.get(i)) {
+            (Some(l), _) => Cow::Borrowed(l),
+            // A source added to `sources` directly, not through `push`.
+            (None, Some(s)) => Cow::Owned(s.label()),
+            (None, None) => Cow::Borrowed("fallback"),
+        }
     }
 }
 
@@ -449,7 +466,7 @@ mod tests {
         let s = spec(r#"{"keySources":[{"header":"X-User"},{"cookie":"sid"},{"query":"s"},{"pathSegment":1},"method"]}"#).unwrap();
         let r = StaticRequest::new("/users/42?s=q%20v").with("cookie", "a=1; sid=abc");
         let m = s.extract(&r).unwrap();
-        assert_eq!((m.display().as_str(), s.label(&m).as_str()), ("abc", "cookie:sid"));
+        assert_eq!((m.display().as_str(), s.label(&m).as_ref()), ("abc", "cookie:sid"));
         let r = StaticRequest::new("/users/42?s=q%20v").with("x-user", " u1 ");
         assert_eq!(s.extract(&r).unwrap().value, b"u1");
         let r = StaticRequest::new("/users/42?s=q%20v");
@@ -465,7 +482,7 @@ mod tests {
         let s = spec(r#"{"keySources":[{"pathRegex":{"pattern":"^/api/v\\d+/tenants/([a-z0-9-]+)"}}],"fallbackKey":"anon"}"#).unwrap();
         assert_eq!(s.extract(&StaticRequest::new("/api/v2/tenants/acme-1/items?x=1")).unwrap().value, b"acme-1");
         let m = s.extract(&StaticRequest::new("/other")).unwrap();
-        assert_eq!((m.display().as_str(), s.label(&m).as_str()), ("anon", "fallback"));
+        assert_eq!((m.display().as_str(), s.label(&m).as_ref()), ("anon", "fallback"));
     }
 
     #[test]

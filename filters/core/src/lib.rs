@@ -24,6 +24,7 @@ pub mod key;
 pub mod names;
 pub mod place;
 pub mod scope;
+pub mod text;
 
 pub use error::ConfigError;
 pub use key::{KeyMatch, KeySource, KeySpec, RequestView};

@@ -100,9 +100,11 @@ impl Stage for ExperimentSplitter {
         // The route depends on the arm header (Envoy `cluster_header`, or a
         // VirtualService header match), so Envoy must select it again.
         req.clear_route_cache();
-        req.record(STATE_ARM, d.arms_label(s));
-        req.record(STATE_REASON, d.reasons_label(s));
-        req.record(STATE_USER_SOURCE, d.user_source.as_str());
+        if req.records_state() {
+            req.record(STATE_ARM, d.arms_label(s));
+            req.record(STATE_REASON, d.reasons_label(s));
+            req.record(STATE_USER_SOURCE, d.user_source.as_str());
+        }
 
         for (e, a) in d.assignments.iter().enumerate() {
             match a.reason {

@@ -218,11 +218,17 @@ mod ffi {
 }
 
 /// The allocator the host calls (through the module's exported
-/// `proxy_on_memory_allocate`) to hand us data: a boxed byte slice of exactly
-/// `size` bytes, which [`take`] turns back into a `Vec`.
+/// `proxy_on_memory_allocate`) to hand us data: `size` bytes (not zeroed:
+/// the host writes every one of them before it hands them over), which
+/// [`take`] turns back into a `Vec` of that capacity. Null when the memory
+/// cannot be had; a dangling pointer for 0 bytes, which `take` never frees.
 pub fn allocate(size: usize) -> *mut u8 {
-    let b: Box<[u8]> = vec![0u8; size].into_boxed_slice();
-    Box::into_raw(b).cast::<u8>()
+    match std::alloc::Layout::array::<u8>(size) {
+        Ok(_) if size == 0 => std::ptr::NonNull::<u8>::dangling().as_ptr(),
+        // SAFETY: the layout's size is not zero.
+        Ok(layout) => unsafe { std::alloc::alloc(layout) },
+        Err(_) => std::ptr::null_mut(),
+    }
 }
 
 /// Take ownership of a buffer the host allocated in our memory.
@@ -333,9 +339,32 @@ fn property_path(path: &[&str]) -> Vec<u8> {
     out
 }
 
+/// `path` joined as [`property_path`] does, into `buf`; `None` when it does not fit.
+fn join_path<'a>(path: &[&str], buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    let mut at = 0usize;
+    for (i, seg) in path.iter().enumerate() {
+        if i > 0 {
+            *buf.get_mut(at)? = 0;
+            at += 1;
+        }
+        buf.get_mut(at..at + seg.len())?.copy_from_slice(seg.as_bytes());
+        at += seg.len();
+    }
+    buf.get(..at)
+}
+
 /// A property's raw bytes; `Ok(None)` when absent.
 pub fn get_property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-    let p = property_path(path);
+    // Paths are short (`xds.route_name`): joined on the stack, not the heap.
+    let mut stack = [0u8; 64];
+    let heap;
+    let p: &[u8] = match join_path(path, &mut stack) {
+        Some(p) => p,
+        None => {
+            heap = property_path(path);
+            &heap
+        }
+    };
     let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals and to `p`, valid for the call.
     let s = unsafe { ffi::proxy_get_property(p.as_ptr(), p.len(), &mut ptr, &mut len) };
@@ -526,6 +555,13 @@ mod tests {
     #[test]
     fn encodings() {
         assert_eq!(property_path(&["source", "address"]), b"source\0address");
+        for path in [&["xds", "route_name"][..], &["plugin_name"], &[], &["a", "", "b"], &["x"; 40]] {
+            let mut buf = [0u8; 64];
+            match join_path(path, &mut buf) {
+                Some(p) => assert_eq!(p, property_path(path).as_slice()),
+                None => assert!(property_path(path).len() > 64),
+            }
+        }
         let h = serialize_headers(&[("a", "bc")]);
         assert_eq!(h, [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'b', b'c', 0]);
         assert_eq!(serialize_pairs(&[(&b"a"[..], &b"bc"[..])]), h);

@@ -22,6 +22,7 @@ impl HeaderMap {
         if let Some(n) = u32_at(0) {
             // Each header needs at least 10 bytes: never trust a huge count.
             let n = n.min(buf.len() / 10);
+            entries.reserve_exact(n);
             let mut at = 4usize.saturating_add(8usize.saturating_mul(n));
             for i in 0..n {
                 let (Some(k), Some(v)) = (u32_at(4 + 8 * i), u32_at(8 + 8 * i)) else { break };
@@ -71,7 +72,7 @@ impl HeaderMap {
     /// First value of `name` (lowercase); for `cookie`, every copy joined
     /// with `"; "` (HTTP/2 clients send one header per cookie).
     pub fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        let mut matching = self.iter().filter(|(k, _)| *k == name.as_bytes()).map(|(_, v)| v);
+        let mut matching = self.values(name.as_bytes());
         let first = matching.next()?;
         if name != "cookie" {
             return Some(Cow::Borrowed(first));
@@ -90,7 +91,17 @@ impl HeaderMap {
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.iter().any(|(k, _)| k == name.as_bytes())
+        self.values(name.as_bytes()).next().is_some()
+    }
+
+    /// The values of every copy of `name`, in order. Names of another
+    /// length are passed over without reading their bytes: most lookups are
+    /// of a header the request does not have, or has once.
+    fn values<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.len() == name.len() && self.buf.get(k.clone()) == Some(name))
+            .filter_map(|(_, v)| self.buf.get(v.clone()))
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use meshpatterns_core::ConfigError;
@@ -28,16 +29,41 @@ struct Stream<S: Stage> {
     held: bool,
 }
 
+/// Hashes the context ids and call tokens the host assigns (no client picks
+/// them, so there is nothing to defend against): one multiply, where the
+/// default SipHash costs a few hundred instructions per lookup, and there
+/// are several lookups per request.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        // An odd multiplier: distinct ids keep distinct low bits (the
+        // bucket) and mix into the high bits (hashbrown's tag).
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
 /// The VM's roots and streams.
 pub struct Vm<S: Stage> {
     module: &'static str,
     parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>,
-    roots: HashMap<u32, Rc<Pipeline<S>>>,
-    streams: HashMap<u32, Stream<S>>,
+    roots: IdMap<Rc<Pipeline<S>>>,
+    streams: IdMap<Stream<S>>,
     /// HTTP calls in flight: token -> the stream that dispatched it.
-    calls: HashMap<u32, u32>,
+    calls: IdMap<u32>,
     /// gRPC calls in flight: token (unique in the VM) -> the stream.
-    grpc_calls: HashMap<u32, u32>,
+    grpc_calls: IdMap<u32>,
     /// Whether the module exports `proxy_on_grpc_receive`/`_close` (and
     /// the request body callback that keeps a held request's body back).
     grpc: bool,
@@ -45,7 +71,15 @@ pub struct Vm<S: Stage> {
 
 impl<S: Stage> Vm<S> {
     pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
-        Vm { module, parse, roots: HashMap::new(), streams: HashMap::new(), calls: HashMap::new(), grpc_calls: HashMap::new(), grpc: false }
+        Vm {
+            module,
+            parse,
+            roots: IdMap::default(),
+            streams: IdMap::default(),
+            calls: IdMap::default(),
+            grpc_calls: IdMap::default(),
+            grpc: false,
+        }
     }
 
     /// The same, for a module that exports the gRPC callbacks.

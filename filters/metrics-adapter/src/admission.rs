@@ -14,7 +14,7 @@
 //! The first request of a value decides: a value is either always itself or
 //! always `other`, on every worker.
 
-use std::collections::HashMap;
+use ahash::AHashMap as HashMap;
 
 use crate::logic::{LabelSpec, NONE, OVERFLOW};
 

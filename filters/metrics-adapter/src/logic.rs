@@ -264,6 +264,11 @@ pub fn is_error(code: Option<u64>) -> bool {
 /// letters, digits, `_` and `-` kept, every other byte becomes `_`; cut to
 /// [`MAX_LABEL_VALUE_BYTES`]; empty becomes `none`.
 pub fn sanitize_value(raw: &str) -> String {
+    let keep = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    // Most values are already clean: one copy, no per-character pushes.
+    if !raw.is_empty() && raw.len() <= MAX_LABEL_VALUE_BYTES && raw.bytes().all(keep) {
+        return raw.to_string();
+    }
     let out: String = raw
         .bytes()
         .take(MAX_LABEL_VALUE_BYTES)
@@ -273,6 +278,18 @@ pub fn sanitize_value(raw: &str) -> String {
         NONE.into()
     } else {
         out
+    }
+}
+
+/// [`sanitize_value`] of a header value as sent: a value made only of the
+/// characters kept (most) is copied as it is; any other goes through the
+/// lossy UTF-8 decoding first, so bad bytes count as the replacement
+/// character exactly as before.
+pub fn sanitize_bytes(raw: &[u8]) -> String {
+    let keep = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
+    match std::str::from_utf8(raw) {
+        Ok(text) if !raw.is_empty() && raw.len() <= MAX_LABEL_VALUE_BYTES && raw.iter().all(keep) => text.to_string(),
+        _ => sanitize_value(&String::from_utf8_lossy(raw)),
     }
 }
 
@@ -333,8 +350,11 @@ impl RequestLabels {
     /// their bad bytes replaced before sanitising.
     pub fn of(s: &Settings, req: &dyn RequestView) -> RequestLabels {
         let method = method_label(req.method().as_deref());
-        let headers =
-            s.header_labels.iter().map(|h| req.header(&h.header).map(|v| sanitize_value(&v)).unwrap_or_else(|| NONE.into())).collect();
+        let headers = s
+            .header_labels
+            .iter()
+            .map(|h| req.header_bytes(&h.header).map(|v| sanitize_bytes(&v)).unwrap_or_else(|| NONE.into()))
+            .collect();
         RequestLabels { method, headers }
     }
 
@@ -446,6 +466,14 @@ mod tests {
         assert_eq!(tags.len(), 5);
         assert_eq!(tags[0], StatsTag { tag_name: "route".into(), regex: r"(route=\.=(.*?);\.;)".into() });
         assert_eq!(tags[4].regex, r"(tenant=\.=(.*?);\.;)");
+    }
+
+    #[test]
+    fn sanitize_bytes_is_sanitize_value_of_the_lossy_text() {
+        let long = "a".repeat(MAX_LABEL_VALUE_BYTES + 3);
+        for raw in [&b"checkout-v2_A"[..], b"", b"caf\xc3\xa9", b"caf\xe9", b"\xff\xfe", b"a b", b"x.y/z", long.as_bytes()] {
+            assert_eq!(sanitize_bytes(raw), sanitize_value(&String::from_utf8_lossy(raw)), "{raw:?}");
+        }
     }
 
     #[test]

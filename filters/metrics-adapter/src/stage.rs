@@ -15,8 +15,8 @@
 //! under callgrind (Envoy 1.40), a clock reading almost nothing. Route and
 //! cluster have no other source than their properties.
 
+use ahash::AHashMap as HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use log::warn;
 use meshpatterns_core::{ConfigError, RequestView};

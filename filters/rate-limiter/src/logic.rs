@@ -17,6 +17,7 @@ pub mod table;
 use std::net::IpAddr;
 
 use meshpatterns_core::key::client_address;
+use meshpatterns_core::text::decimal;
 use meshpatterns_core::RequestView;
 
 use bucket::{BucketState, Take};
@@ -284,11 +285,8 @@ pub const HEADER_IETF: &str = "ratelimit";
 /// and `RateLimit: "<name>";r=<remaining>;t=<reset>`.
 pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String)> {
     let (Some(take), Some(policy)) = (d.take, d.policy.and_then(|i| s.policies.get(i))) else { return Vec::new() };
-    let mut h = vec![
-        (HEADER_LIMIT, take.limit.to_string()),
-        (HEADER_REMAINING, take.remaining.to_string()),
-        (HEADER_RESET, take.reset_secs.to_string()),
-    ];
+    let mut h =
+        vec![(HEADER_LIMIT, decimal(take.limit)), (HEADER_REMAINING, decimal(take.remaining)), (HEADER_RESET, decimal(take.reset_secs))];
     if s.ietf_headers {
         h.push((HEADER_IETF_POLICY, format!("\"{}\";q={};w={}", policy.name, take.limit, policy.bucket.window_secs())));
         h.push((HEADER_IETF, format!("\"{}\";r={};t={}", policy.name, take.remaining, take.reset_secs)));

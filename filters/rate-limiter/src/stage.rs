@@ -162,7 +162,7 @@ impl RateLimiter {
             m.table_full.inc();
         }
         req.record(STATE_DECISION, d.verdict.label());
-        if let Some(p) = d.policy.and_then(|i| s.policies.get(i)) {
+        if let (Some(p), true) = (d.policy.and_then(|i| s.policies.get(i)), req.records_state()) {
             req.record(STATE_POLICY, p.name.clone());
         }
         let reply = limited_reply(s, &d, grpc).map(|r| (r, "rate_limited"));

@@ -468,7 +468,7 @@ impl Settings {
         if let Some(ck) = &cookie {
             // The issued cookie must be read back: if not listed, it is tried last.
             if !keys.sources.iter().any(|s| matches!(s, KeySource::Cookie(n) if *n == ck.name)) {
-                keys.sources.push(KeySource::Cookie(ck.name.clone()));
+                keys.push(KeySource::Cookie(ck.name.clone()));
             }
         }
         if keys.sources.is_empty() {

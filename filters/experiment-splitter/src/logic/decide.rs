@@ -212,7 +212,7 @@ pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String
     let mut set_cookies = Vec::new();
     let (user, user_source): (Option<Vec<u8>>, String) = match s.keys.extract(req) {
         Some(m) => {
-            let label = s.keys.label(&m);
+            let label = s.keys.label(&m).into_owned();
             (Some(m.value), label)
         }
         None => match &s.cookie {
@@ -279,10 +279,10 @@ pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String
         .filter_map(|(e, a)| e.arms.get(a.arm).map(|arm| (e.name.as_str(), arm.name.as_str())))
         .collect();
     let expose = (s.expose_header.is_some() && !exposed.is_empty())
-        .then(|| exposed.iter().map(|(e, a)| format!("{e}={a}")).collect::<Vec<_>>().join(", "));
+        .then(|| exposed.iter().map(|(e, a)| [*e, "=", *a].concat()).collect::<Vec<_>>().join(", "));
     if let Some(ck) = &s.expose_cookie {
         if !exposed.is_empty() {
-            let value = exposed.iter().map(|(e, a)| format!("{e}:{a}")).collect::<Vec<_>>().join("|");
+            let value = exposed.iter().map(|(e, a)| [*e, ":", *a].concat()).collect::<Vec<_>>().join("|");
             let header = req.header_bytes("cookie");
             let current = header.as_deref().and_then(|h| cookie::find_bytes(h, &ck.name));
             if current != Some(value.as_bytes()) {

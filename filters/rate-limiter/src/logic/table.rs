@@ -107,7 +107,10 @@ impl Layout {
     }
     /// Shared-data key of set `s`.
     pub fn key(s: u32) -> String {
-        format!("{KEY_PREFIX}{s:x}")
+        let mut k = String::with_capacity(KEY_PREFIX.len() + 8);
+        k.push_str(KEY_PREFIX);
+        k.push_str(&meshpatterns_core::text::hex(u64::from(s)));
+        k
     }
 }
 

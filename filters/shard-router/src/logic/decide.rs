@@ -154,7 +154,7 @@ pub fn decide<'a>(s: &'a Settings, req: &dyn RequestView) -> Decision<'a> {
             Decision::Route(Route {
                 shard,
                 index,
-                source: s.keys.label(m),
+                source: s.keys.label(m).into_owned(),
                 defaulted: false,
                 previous: previous.map(|(_, old)| old),
                 fallback_to,
@@ -171,7 +171,10 @@ pub fn decide<'a>(s: &'a Settings, req: &dyn RequestView) -> Decision<'a> {
                 fallback_to: None,
                 grpc,
             }),
-            None => Decision::Reject(Reject { problem, reply: reject_reply(s, problem, found.as_ref().map(|m| s.keys.label(m)), grpc) }),
+            None => Decision::Reject(Reject {
+                problem,
+                reply: reject_reply(s, problem, found.as_ref().map(|m| s.keys.label(m).into_owned()), grpc),
+            }),
         },
     }
 }
