@@ -18,12 +18,6 @@ GRPCIO_VERSION ?= 1.85.3
 # line in the pipeline's `stages!` registry (filters/meshpatterns/src/lib.rs).
 FILTERS       := $(sort $(patsubst filters/%/config.schema.json,%,$(wildcard filters/*/config.schema.json)))
 MODULES       := noop anchor-sdk anchor-raw $(FILTERS)
-# Modules whose own crate is compiled for speed (opt-level 3) rather than size:
-# those that stay within their size bound that way (BENCHMARKS.md, "Module
-# sizes"). consistent-hash: 39.3 k -> 37.6 k instructions added per request,
-# 282 -> 292 KB; metrics-adapter: 83.0 k -> 78.2 k, 275 -> 306 KB. The
-# others are at or over their bound already and stay at "z".
-SPEED_MODULES := consistent-hash metrics-adapter
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
 DIST          := target/meshpatterns
@@ -85,12 +79,7 @@ test: toolchain envoy build grpcio wasm-bindgen schema-deps ## run every test: l
 build: toolchain apt-tools ## build every filter for wasm32-wasip1 and optimise it into target/meshpatterns/
 	@# One cargo run per module: built together, feature unification would
 	@# turn on every pattern's `module` exports inside the pipeline module.
-	@# SPEED_MODULES get their own crate built at opt-level 3 instead of the
-	@# profile's "z" (for this module's build only: the pipeline keeps "z").
-	@for m in $(MODULES); do \
-		speed=; case " $(SPEED_MODULES) " in *" $$m "*) speed="--config profile.release.package.$$m.opt-level=3";; esac; \
-		cargo build -q --release --target $(WASM_TARGET) -p $$m $$speed || exit 1; \
-	done
+	@for m in $(MODULES); do cargo build -q --release --target $(WASM_TARGET) -p $$m; done
 	@mkdir -p $(DIST)
 	@for m in $(MODULES); do \
 		f=$${m//-/_}.wasm; \
