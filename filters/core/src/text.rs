@@ -4,44 +4,38 @@
 
 /// `n` in decimal, as `n.to_string()` prints it.
 pub fn decimal(n: u64) -> String {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (rest % 10) as u8;
-        }
-        rest /= 10;
-        if rest == 0 || at == 0 {
-            break;
-        }
-    }
-    ascii(digits.get(at..).unwrap_or_default())
-}
-
-/// Digits as a `String` (ASCII, so always valid UTF-8).
-fn ascii(digits: &[u8]) -> String {
-    std::str::from_utf8(digits).map(str::to_owned).unwrap_or_default()
+    digits(n, 10, 1)
 }
 
 /// `n` in lowercase hexadecimal without leading zeros, as `format!("{n:x}")`.
 pub fn hex(n: u64) -> String {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
+    digits(n, 16, 1)
+}
+
+/// `n` as 16 lowercase hex digits, as `format!("{n:016x}")`.
+pub fn hex16(n: u64) -> String {
+    digits(n, 16, 16)
+}
+
+/// `n` in `base` (at most 16), padded with zeros to at least `width` digits
+/// (at most 20).
+fn digits(n: u64, base: u64, width: usize) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [b'0'; 20];
+    let mut at = buf.len();
     let mut rest = n;
     loop {
         at -= 1;
-        let nibble = (rest & 0xf) as u8;
-        if let Some(d) = digits.get_mut(at) {
-            *d = if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 };
+        if let (Some(d), Some(c)) = (buf.get_mut(at), DIGITS.get((rest % base) as usize)) {
+            *d = *c;
         }
-        rest >>= 4;
-        if rest == 0 || at == 0 {
+        rest /= base;
+        if (rest == 0 && buf.len() - at >= width) || at == 0 {
             break;
         }
     }
-    ascii(digits.get(at..).unwrap_or_default())
+    // ASCII, so always valid UTF-8.
+    std::str::from_utf8(buf.get(at..).unwrap_or_default()).map(str::to_owned).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -61,6 +55,7 @@ mod tests {
         for n in samples {
             assert_eq!(decimal(n), n.to_string());
             assert_eq!(hex(n), format!("{n:x}"));
+            assert_eq!(hex16(n), format!("{n:016x}"));
         }
     }
 }

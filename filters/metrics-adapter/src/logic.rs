@@ -281,16 +281,10 @@ pub fn sanitize_value(raw: &str) -> String {
     }
 }
 
-/// [`sanitize_value`] of a header value as sent: a value made only of the
-/// characters kept (most) is copied as it is; any other goes through the
-/// lossy UTF-8 decoding first, so bad bytes count as the replacement
-/// character exactly as before.
+/// [`sanitize_value`] of a header value as sent, bad UTF-8 bytes replaced
+/// first (borrowed, not copied, when there are none).
 pub fn sanitize_bytes(raw: &[u8]) -> String {
-    let keep = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-';
-    match std::str::from_utf8(raw) {
-        Ok(text) if !raw.is_empty() && raw.len() <= MAX_LABEL_VALUE_BYTES && raw.iter().all(keep) => text.to_string(),
-        _ => sanitize_value(&String::from_utf8_lossy(raw)),
-    }
+    sanitize_value(&String::from_utf8_lossy(raw))
 }
 
 /// The Envoy stat name for `metric` with these label values (already
