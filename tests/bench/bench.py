@@ -1350,7 +1350,8 @@ def report(args, groups, names, runs, counts, rss, summary, floor, floor_instr, 
         L.extend(memory_section(g, rss, not_built))
     L.append("## Module sizes")
     L.append("")
-    L.append("`make build` output: cargo's release build (target/wasm32-wasip1/release) and the same module after "
+    L.append("`make build` output: cargo's release build (target/wasm32-wasip1/release; opt-level \"z\", or \"s\" "
+             "for the Makefile's `BALANCED_MODULES`) and the same module after "
              "`wasm-opt -Oz --strip-debug --strip-producers` (target/meshpatterns, what Envoy loads). Target: ≤ 200 KB "
              "(204,800 bytes) after optimisation.")
     L.append("")
