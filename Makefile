@@ -19,10 +19,9 @@ GRPCIO_VERSION ?= 1.85.3
 FILTERS       := $(sort $(patsubst filters/%/config.schema.json,%,$(wildcard filters/*/config.schema.json)))
 MODULES       := noop anchor-sdk anchor-raw $(FILTERS)
 # Modules built at opt-level "s" (every crate in them) instead of the profile's
-# "z": 1.4-4.1 k fewer instructions per request for 3-5 % more bytes, Envoy's
-# RSS within its start-to-start noise (filters/host/README.md, "Compiled for
-# speed"). Not shard-router: at "s" it passes its 320 KB bound (338.8 KB); not
-# noop and the anchors: they stay as issue 11 measured them.
+# "z": fewer instructions per request for a few % more bytes; the figures, and
+# why shard-router, noop and the anchors stay at "z", are in
+# filters/host/README.md ("Compiled at opt-level "s"").
 BALANCED_MODULES := consistent-hash metrics-adapter rate-limiter experiment-splitter meshpatterns
 WASM_TARGET   := wasm32-wasip1
 WASM_OUT      := target/$(WASM_TARGET)/release
