@@ -62,6 +62,10 @@ fn start_app(app: &Arc<App>) -> Upstream {
                 "/info" => Reply::new(200, INFO_TEXT),
                 "/fail" => Reply::new(503, "failed\n"),
                 "/missing" => Reply::new(404, "not found\n"),
+                "/slow" => {
+                    std::thread::sleep(Duration::from_secs(2));
+                    Reply::new(200, "late\n")
+                }
                 _ => echo(name, r),
             }
         }),
@@ -212,6 +216,38 @@ fn red_metrics_reach_prometheus_output_as_labelled_series() {
     let order = lines.iter().find(|l| l["http.request.method"] == "GET" && l["http.response.status_code"] == 200).unwrap();
     assert_eq!(order["url.path"], "/orders/7", "path without the query");
     assert_eq!((order["http.route"].as_str(), order["upstream.cluster"].as_str()), (Some("app"), Some("app")));
+}
+
+/// A stream the client abandons before any response is still counted, once,
+/// when the stream ends: no status (`status_class="none"`), an error, and the
+/// route and cluster it had (properties still readable at that point).
+#[test]
+fn an_abandoned_stream_is_counted_as_an_error_without_status() {
+    let app = Arc::new(App::default());
+    let (_up, envoy) = start(&app, |b| b);
+    let port = envoy.port("ingress");
+    for tenant in ["gone-1", "gone-2"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET /slow HTTP/1.1\r\nhost: app\r\nx-tenant: {tenant}\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+    }
+    let mut c = Client::new(port);
+    assert_eq!(c.get("/orders/1", &[("x-tenant", "gone-1")]).status, 200);
+    fn none(t: &str) -> [(&str, &str); 5] {
+        [("route", "app"), ("cluster", "app"), ("method", "GET"), ("status_class", "none"), ("tenant", t)]
+    }
+    let text = wait_for("two abandoned streams counted", Duration::from_secs(20), || {
+        let t = prometheus_text(&envoy);
+        (try_value(&t, REQ, &none("gone-2")) == Some(1.0)).then_some(t)
+    });
+    assert_eq!(value(&text, REQ, &none("gone-1")), 1.0);
+    assert_eq!(value(&text, ERR, &none("gone-1")), 1.0);
+    assert_eq!(value(&text, ERR, &none("gone-2")), 1.0);
+    let ok = [("route", "app"), ("cluster", "app"), ("method", "GET"), ("status_class", "2xx"), ("tenant", "gone-1")];
+    assert_eq!(value(&text, REQ, &ok), 1.0);
+    assert_eq!(try_value(&text, ERR, &ok), None);
+    assert_eq!(samples(&text, REQ).iter().map(|(_, v)| v).sum::<f64>(), 3.0);
 }
 
 #[test]

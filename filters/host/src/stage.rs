@@ -412,7 +412,11 @@ pub trait Stage {
     fn on_response_body(&self, _body: &mut Body, _st: &mut Self::Stream) -> BodyFlow {
         BodyFlow::Continue
     }
-    fn on_log(&self, _st: &mut Self::Stream) {}
+    /// The stream ended (reply sent, or reset): called once, from
+    /// `proxy_on_delete`, after Envoy's access log, so a module needs no
+    /// `proxy_on_log` export (one VM entry less per request). The stream's
+    /// properties (`xds.route_name`, ...) and the clock are still readable.
+    fn on_end(&self, _st: &mut Self::Stream) {}
     /// The answer to an HTTP call dispatched for this stream (by any stage:
     /// a stage checks `call.token` against the calls it made).
     fn on_http_call_response(&self, _call: &mut HttpCallResponse, _st: &mut Self::Stream) {}
@@ -596,10 +600,10 @@ impl<S: Stage> Pipeline<S> {
         flow
     }
 
-    pub fn on_log(&self, st: &mut StreamState<S>) {
+    pub fn on_end(&self, st: &mut StreamState<S>) {
         for (s, stream) in self.stages.iter().zip(st.stages.iter_mut()) {
             if let Some(stream) = stream {
-                s.stage.on_log(stream);
+                s.stage.on_end(stream);
             }
         }
     }

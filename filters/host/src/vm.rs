@@ -286,15 +286,6 @@ impl<S: Stage> Vm<S> {
         }
     }
 
-    /// `proxy_on_log`.
-    pub fn on_log(vm: &RefCell<Vm<S>>, id: u32) {
-        let mut guard = vm.borrow_mut();
-        if let Some(stream) = guard.streams.get_mut(&id) {
-            let root = Rc::clone(&stream.root);
-            root.on_log(&mut stream.state);
-        }
-    }
-
     /// `proxy_on_tick` (every root of this VM ticks; flush once per tick).
     pub fn tick(vm: &RefCell<Vm<S>>, root: u32) {
         let guard = vm.borrow();
@@ -307,7 +298,11 @@ impl<S: Stage> Vm<S> {
     /// `proxy_on_delete`: a stream ended, or a root was replaced.
     pub fn delete(vm: &RefCell<Vm<S>>, id: u32) {
         let mut vm = vm.borrow_mut();
-        if vm.streams.remove(&id).is_some() {
+        if let Some(mut stream) = vm.streams.remove(&id) {
+            // The end of the stream for the stages (metrics count it here
+            // rather than in `proxy_on_log`, which would be one more entry).
+            let root = Rc::clone(&stream.root);
+            root.on_end(&mut stream.state);
             if !vm.calls.is_empty() {
                 vm.calls.retain(|_, stream| *stream != id);
             }
@@ -464,12 +459,6 @@ macro_rules! export_module {
         #[no_mangle]
         pub extern "C" fn proxy_on_request_trailers(id: u32, _trailers: usize) -> u32 {
             __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::request_trailers(vm, id))
-        }
-    };
-    (@extra log) => {
-        #[no_mangle]
-        pub extern "C" fn proxy_on_log(id: u32) {
-            __MESHPATTERNS_VM.with(|vm| $crate::vm::Vm::on_log(vm, id))
         }
     };
 }

@@ -137,9 +137,9 @@ macro_rules! stages {
                 }
             }
 
-            fn on_log(&self, st: &mut AnyStream) {
+            fn on_end(&self, st: &mut AnyStream) {
                 match (self, st) {
-                    $((AnyStage::$variant(s), AnyStream::$variant(inner)) => s.on_log(inner),)*
+                    $((AnyStage::$variant(s), AnyStream::$variant(inner)) => s.on_end(inner),)*
                     _ => {}
                 }
             }
@@ -199,7 +199,7 @@ pub fn parse(bytes: &[u8]) -> Result<Pipeline<AnyStage>, ConfigError> {
 }
 
 #[cfg(all(target_arch = "wasm32", feature = "module"))]
-meshpatterns_host::export_module!("meshpatterns", AnyStage, parse, response_headers, response_body, log, http_call_response, grpc);
+meshpatterns_host::export_module!("meshpatterns", AnyStage, parse, response_headers, response_body, http_call_response, grpc);
 
 #[cfg(test)]
 mod tests {

@@ -26,15 +26,15 @@ pub use stage::MetricsAdapter;
 
 // The module's exports, only in the wasm build of this crate as a module
 // (feature `module`, on by default; the pipeline module turns it off).
-// Response headers and body for the legacy rewrite, log for the RED metrics.
+// Response headers and body for the legacy rewrite; the RED metrics are
+// recorded when the stream is deleted (no `proxy_on_log` export).
 #[cfg(all(target_arch = "wasm32", feature = "module"))]
 meshpatterns_host::export_module!(
     "metrics-adapter",
     MetricsAdapter,
     meshpatterns_host::stage::parse_single::<MetricsAdapter>,
     response_headers,
-    response_body,
-    log
+    response_body
 );
 
 /// Counters for the legacy stats endpoints (no labels).

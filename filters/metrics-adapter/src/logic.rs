@@ -14,7 +14,7 @@ use crate::legacy::{LegacyConfig, LegacySpec};
 /// Prefix of every RED metric: `meshpatterns_http_<metric>{label="value",...}`
 /// in `/stats/prometheus` (see [`stat_name`] for the name in `/stats`).
 pub const RED_PREFIX: &str = "meshpatterns_http";
-/// Counter: every request that finished (one per stream, counted in `on_log`).
+/// Counter: every request that finished (one per stream, counted when the stream ends).
 pub const REQUESTS: &str = "requests_total";
 /// Counter: requests answered 5xx or not answered at all (reset, timeout before headers).
 pub const ERRORS: &str = "errors_total";

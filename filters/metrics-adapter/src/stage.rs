@@ -3,7 +3,7 @@
 //!
 //! Request side: the request's labels (method, header labels), the clock,
 //! and for a legacy stats endpoint the path rewrite. Response side: the
-//! status, and the legacy rewrite. End of stream (`on_log`): route and
+//! status, and the legacy rewrite. End of stream (`on_end`, from `proxy_on_delete`): route and
 //! cluster, each label value admitted or `other`, then the RED series of
 //! that label set: its counters counted in the VM and flushed on the tick,
 //! its histogram recorded at once.
@@ -224,7 +224,7 @@ impl Stage for MetricsAdapter {
         }
     }
 
-    fn on_log(&self, st: &mut MetricsStream) {
+    fn on_end(&self, st: &mut MetricsStream) {
         let code = st.status.map(u64::from);
         let duration_ms = logic::elapsed_ms(st.start_ns, abi::now_nanos());
         let dimensions: Vec<Option<String>> =
