@@ -349,12 +349,13 @@ fn send_with_body(r: &LocalReply, body: &[u8]) {
 /// Define a module's exports. The first argument names the module (for
 /// logs), the second the stage type, the third a `fn(&[u8]) ->
 /// Result<Pipeline<S>, ConfigError>`; then the optional callbacks the module
-/// needs, out of `response_headers`, `response_body`, `log`,
+/// needs, out of `response_headers`, `response_body`,
 /// `http_call_response`, `grpc` (`proxy_on_grpc_receive`, `_close`, and the
 /// request body and trailers callbacks that hold a waiting request's body
 /// back; without it [`Request::dispatch_grpc_call`] refuses). Every module
 /// exports the ABI version, the allocator, `_initialize`, context creation,
-/// VM start, configure, request headers, tick and delete.
+/// VM start, configure, request headers, tick and delete (where the stages
+/// see the stream end: there is no `proxy_on_log`).
 #[macro_export]
 macro_rules! export_module {
     ($name:expr, $stage:ty, $parse:expr $(, $extra:ident)* $(,)?) => {
