@@ -147,6 +147,13 @@ SCENARIOS = {
         "sticky": False,
         "about": "token bucket per x-user-id in shared data (CAS), budget never used up, X-RateLimit-* headers",
     },
+    "rate-limiter-no-headers": {
+        "kind": "filter",
+        "header": "x-user-id",
+        "wasm": ["rate_limiter"],
+        "sticky": False,
+        "about": "rate-limiter with `xRateLimitHeaders: false`: the same bucket, no response header written",
+    },
     "native-local-ratelimit": {
         "kind": "native",
         "header": "x-user-id",
@@ -275,7 +282,7 @@ GROUPS = {
     "consistent-hash": ["consistent-hash", "native-maglev"],
     "shard-router": ["shard-router", "native-cluster-header"],
     "metrics-adapter": ["metrics-adapter"],
-    "rate-limiter": ["rate-limiter", "native-local-ratelimit"],
+    "rate-limiter": ["rate-limiter", "rate-limiter-no-headers", "native-local-ratelimit"],
     "experiment-splitter": ["experiment-splitter", "native-weighted-clusters"],
     "cache": ["cache-off", "cache"],
     "pipeline": ["rate-limiter", "consistent-hash", "metrics-adapter", "chain-3", "pipeline", "pipeline-filter-state",

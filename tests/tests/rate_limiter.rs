@@ -1,5 +1,5 @@
-//! rate-limiter through a real Envoy: burst then 429 with its headers,
-//! refill, per-key isolation, one budget across worker threads, exactly one
+//! rate-limiter through a real Envoy: burst then 429 with its headers (or
+//! without X-RateLimit-* when `xRateLimitHeaders` is off), refill, per-key isolation, one budget across worker threads, exactly one
 //! admission per fresh key across four workers, exact budgets for 10,000
 //! active keys, byte keys, gRPC clients told RESOURCE_EXHAUSTED (and not
 //! retried by Istio's default retry policy), shadow mode, spoofed
@@ -96,6 +96,34 @@ fn burst_then_429_with_headers_and_retry_after() {
     let decisions: Vec<&str> = log.iter().map(|l| l["meshpatterns.ratelimit.decision"].as_str().unwrap_or("")).collect();
     assert_eq!(decisions, ["allowed", "allowed", "allowed", "allowed", "allowed", "limited", "limited", "limited"]);
     assert!(log.iter().all(|l| l["meshpatterns.ratelimit.policy"] == "per-client"));
+}
+
+#[test]
+fn x_ratelimit_headers_off_leaves_only_retry_after_and_the_upstreams_copies() {
+    let (_up, envoy) = start(
+        r#"{"xRateLimitHeaders": false, "policies": [{"name": "per-client", "key": [{"clientAddress": {}}], "rate": 1, "per": "minute", "burst": 2}]}"#,
+    );
+    let mut c = Client::new(envoy.port("ingress"));
+    for _ in 0..2 {
+        let r = c.get("/", &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.replica(), "app");
+        // the filter no longer owns these: the upstream's own values pass untouched
+        assert_eq!(r.headers_named("x-ratelimit-limit"), ["999"]);
+        assert_eq!(r.headers_named("x-ratelimit-remaining"), ["999"]);
+        assert!(r.header("x-ratelimit-reset").is_none() && r.header("ratelimit").is_none());
+    }
+    let r = c.get("/", &[]);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.replica(), "");
+    for h in ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit"] {
+        assert!(r.header(h).is_none(), "{h} on the limited reply: {:?}", r.headers);
+    }
+    let retry = num(&r, "retry-after");
+    assert!((50..=60).contains(&retry), "Retry-After {retry}, want about 60");
+    assert_eq!(r.json()["error"].as_str(), Some("rate_limited"));
+    envoy.wait_stat("meshpatterns.rate_limiter.per-client.allowed", 2);
+    envoy.wait_stat("meshpatterns.rate_limiter.per-client.limited", 1);
 }
 
 #[test]

@@ -143,8 +143,7 @@ impl<S: Stage> Vm<S> {
         let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
         let mut req = Request::new(&headers, id);
         req.grpc = grpc;
-        let root = Rc::clone(&stream.root);
-        let outcome = f(&root, &mut req, &mut stream.state);
+        let outcome = f(&stream.root, &mut req, &mut stream.state);
         stream.held = matches!(outcome, RequestOutcome::Pause);
         let calls = req.take_calls();
         req.apply();
@@ -232,9 +231,8 @@ impl<S: Stage> Vm<S> {
         let outcome = {
             let mut guard = vm.borrow_mut();
             let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
-            let root = Rc::clone(&stream.root);
             let mut resp = Response::new(end_of_stream);
-            root.on_response(&mut resp, &mut stream.state);
+            stream.root.on_response(&mut resp, &mut stream.state);
             let outcome = resp.outcome();
             for t in &outcome.calls {
                 guard.calls.insert(*t, id);
@@ -261,9 +259,8 @@ impl<S: Stage> Vm<S> {
             if stream_id != id {
                 let _ = abi::set_effective_context(stream_id);
             }
-            let root = Rc::clone(&stream.root);
             let mut call = HttpCallResponse::new(token, num_headers, body_size);
-            root.on_http_call_response(&mut call, &mut stream.state);
+            stream.root.on_http_call_response(&mut call, &mut stream.state);
             call.outcome()
         };
         if let Some(r) = &outcome.reply {
@@ -279,8 +276,7 @@ impl<S: Stage> Vm<S> {
     pub fn response_body(vm: &RefCell<Vm<S>>, id: u32, size: usize, end_of_stream: bool) -> u32 {
         let mut guard = vm.borrow_mut();
         let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
-        let root = Rc::clone(&stream.root);
-        match root.on_response_body(&mut Body { size, end_of_stream }, &mut stream.state) {
+        match stream.root.on_response_body(&mut Body { size, end_of_stream }, &mut stream.state) {
             BodyFlow::Buffer => PAUSE,
             BodyFlow::Continue => CONTINUE,
         }
@@ -301,8 +297,7 @@ impl<S: Stage> Vm<S> {
         if let Some(mut stream) = vm.streams.remove(&id) {
             // The end of the stream for the stages (metrics count it here
             // rather than in `proxy_on_log`, which would be one more entry).
-            let root = Rc::clone(&stream.root);
-            root.on_end(&mut stream.state);
+            stream.root.on_end(&mut stream.state);
             if !vm.calls.is_empty() {
                 vm.calls.retain(|_, stream| *stream != id);
             }

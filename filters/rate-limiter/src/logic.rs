@@ -280,13 +280,20 @@ pub const HEADER_IETF: &str = "ratelimit";
 
 /// The rate-limit headers for every response of a request a policy applied
 /// to: `X-RateLimit-Limit` (the burst), `-Remaining` (whole requests left),
-/// `-Reset` (seconds until the bucket is full), and with `ietfHeaders` the
-/// structured-field `RateLimit-Policy: "<name>";q=<burst>;w=<seconds to fill>`
-/// and `RateLimit: "<name>";r=<remaining>;t=<reset>`.
+/// `-Reset` (seconds until the bucket is full) unless `xRateLimitHeaders` is
+/// off, and with `ietfHeaders` the structured-field
+/// `RateLimit-Policy: "<name>";q=<burst>;w=<seconds to fill>` and
+/// `RateLimit: "<name>";r=<remaining>;t=<reset>`.
 pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String)> {
     let (Some(take), Some(policy)) = (d.take, d.policy.and_then(|i| s.policies.get(i))) else { return Vec::new() };
-    let mut h =
-        vec![(HEADER_LIMIT, decimal(take.limit)), (HEADER_REMAINING, decimal(take.remaining)), (HEADER_RESET, decimal(take.reset_secs))];
+    let mut h = Vec::new();
+    if s.x_rate_limit_headers {
+        h = vec![
+            (HEADER_LIMIT, decimal(take.limit)),
+            (HEADER_REMAINING, decimal(take.remaining)),
+            (HEADER_RESET, decimal(take.reset_secs)),
+        ];
+    }
     if s.ietf_headers {
         h.push((HEADER_IETF_POLICY, format!("\"{}\";q={};w={}", policy.name, take.limit, policy.bucket.window_secs())));
         h.push((HEADER_IETF, format!("\"{}\";r={};t={}", policy.name, take.remaining, take.reset_secs)));
@@ -536,6 +543,26 @@ mod tests {
                 ("ratelimit-policy", "\"p\";q=1;w=1".into()),
                 ("ratelimit", "\"p\";r=0;t=1".into()),
             ]
+        );
+    }
+
+    #[test]
+    fn x_rate_limit_headers_can_be_turned_off() {
+        let s = settings(r#"{"xRateLimitHeaders":false,"policies":[{"name":"p","key":["path"],"rate":1,"burst":1}]}"#);
+        let (mut store, t) = table(&s);
+        let r = StaticRequest::new("/x");
+        let d = decide(&s, &t, &r, &mut store, SEC);
+        assert_eq!(d.verdict, Verdict::Allowed);
+        assert!(response_headers(&s, &d).is_empty());
+        let d = decide(&s, &t, &r, &mut store, SEC);
+        let reply = limited_reply(&s, &d, false).unwrap();
+        assert_eq!(reply.headers, vec![("retry-after", "1".to_string()), ("content-type", "application/json".into())]);
+        let s = settings(r#"{"xRateLimitHeaders":false,"ietfHeaders":true,"policies":[{"name":"p","key":["path"],"rate":1,"burst":1}]}"#);
+        let (mut store, t) = table(&s);
+        let d = decide(&s, &t, &r, &mut store, SEC);
+        assert_eq!(
+            response_headers(&s, &d),
+            vec![("ratelimit-policy", "\"p\";q=1;w=1".to_string()), ("ratelimit", "\"p\";r=0;t=1".into())]
         );
     }
 

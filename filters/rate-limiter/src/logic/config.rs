@@ -62,6 +62,11 @@ pub struct Config {
     /// Also send the IETF `RateLimit-Policy` and `RateLimit` headers.
     #[serde(default)]
     pub ietf_headers: bool,
+    /// Send `X-RateLimit-Limit`, `-Remaining` and `-Reset` on responses and
+    /// on the limited reply (`false`: only `Retry-After` on the limited
+    /// reply, plus the IETF headers if `ietfHeaders`).
+    #[serde(default = "yes")]
+    pub x_rate_limit_headers: bool,
     /// The rate limit service (Envoy's `envoy.service.ratelimit.v3` gRPC
     /// protocol) that keeps the counts of `mode: global` policies; required
     /// when a policy is global.
@@ -133,6 +138,10 @@ pub enum FailureMode {
 
 fn default_slots() -> u32 {
     DEFAULT_SLOTS
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
@@ -460,6 +469,7 @@ pub struct Settings {
     pub replicas: u32,
     pub limited: LimitedResponse,
     pub ietf_headers: bool,
+    pub x_rate_limit_headers: bool,
     /// Deprecated fields this config used, for one warning at configure.
     pub deprecated: Vec<Deprecation>,
     /// Set when a policy is global.
@@ -571,6 +581,7 @@ impl Settings {
             replicas: c.replicas,
             limited: LimitedResponse { status, grpc_status, body },
             ietf_headers: c.ietf_headers,
+            x_rate_limit_headers: c.x_rate_limit_headers,
             deprecated,
             rls,
         })
@@ -687,6 +698,7 @@ mod tests {
     fn defaults() {
         let s = settings(r#"{"policies":[{"name":"per-client","key":[{"clientAddress":{}}],"rate":100}]}"#).unwrap();
         assert_eq!((s.slots, s.replicas, s.limited.status, s.ietf_headers), (DEFAULT_SLOTS, 1, 429, false));
+        assert!(s.x_rate_limit_headers);
         assert_eq!((s.table_full, s.limited.grpc_status), (WhenFull::Evict, 8));
         let p = &s.policies[0];
         assert_eq!(p.bucket, BucketParams { capacity: 100_000, refill: 100_000, unit_ns: 1_000_000_000 });
