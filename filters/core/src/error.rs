@@ -81,32 +81,37 @@ pub fn parse_value(bytes: &[u8]) -> Result<serde_json::Value, ConfigError> {
 /// Deserialize `T` from a parsed value; errors name the field under `prefix`
 /// (`stages[1].rateLimit`), the value found there, and what the field allows.
 pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value, prefix: &str) -> Result<T, ConfigError> {
-    crate::de::from_value(&v).map_err(|(e, path)| {
-        let msg = e.0;
-        let mut field = seg_text(&path, prefix);
-        let found = lookup(&v, &path);
-        if let Some(missing) = between(&msg, "missing field `", "`") {
-            field = join(&field, missing);
-            return ConfigError::new(field, "(missing)", "a value: this field is required");
+    crate::de::from_value(&v).map_err(|(e, path)| explain(e, &path, &v, prefix))
+}
+
+/// The config error for a failed [`from_value`]. Kept out of the generic
+/// function, so that each module holds one copy, not one per config type.
+#[inline(never)]
+fn explain(e: crate::de::Error, path: &[crate::de::Seg], v: &serde_json::Value, prefix: &str) -> ConfigError {
+    let msg = e.0;
+    let mut field = seg_text(path, prefix);
+    let found = lookup(v, path);
+    if let Some(missing) = between(&msg, "missing field `", "`") {
+        field = join(&field, missing);
+        return ConfigError::new(field, "(missing)", "a value: this field is required");
+    }
+    if let Some(unknown) = between(&msg, "unknown field `", "`") {
+        let segment = key_segment(unknown);
+        if !field.ends_with(&segment) {
+            field = join(&field, &segment);
         }
-        if let Some(unknown) = between(&msg, "unknown field `", "`") {
-            let segment = key_segment(unknown);
-            if !field.ends_with(&segment) {
-                field = join(&field, &segment);
-            }
-            let allowed = msg.split_once(", expected ").map(|(_, a)| a.to_string()).unwrap_or_else(|| "no fields here".into());
-            return ConfigError::new(field, "(unknown field)", allowed);
-        }
-        let value = found.map(|f| short(&f.to_string())).unwrap_or_else(|| "(unreadable)".into());
-        let allowed = match msg.split_once(", expected ") {
-            Some((_, want)) if !msg.starts_with("unknown variant") => friendly(want),
-            _ => msg.clone(),
-        };
-        if field.is_empty() {
-            return ConfigError::syntax(msg);
-        }
-        ConfigError::new(field, value, allowed)
-    })
+        let allowed = msg.split_once(", expected ").map(|(_, a)| a.to_string()).unwrap_or_else(|| "no fields here".into());
+        return ConfigError::new(field, "(unknown field)", allowed);
+    }
+    let value = found.map(|f| short(&f.to_string())).unwrap_or_else(|| "(unreadable)".into());
+    let allowed = match msg.split_once(", expected ") {
+        Some((_, want)) if !msg.starts_with("unknown variant") => friendly(want),
+        _ => msg.clone(),
+    };
+    if field.is_empty() {
+        return ConfigError::syntax(msg);
+    }
+    ConfigError::new(field, value, allowed)
 }
 
 /// `parent.child`, or `parent["..."]` for a child that is a quoted key
@@ -142,7 +147,9 @@ fn last_key(field: &str) -> &str {
             let mut at = Some(i);
             while let Some(j) = at {
                 let seg = field.get(j + 1..field.len() - 1).unwrap_or("");
-                if serde_json::from_str::<String>(seg).is_ok() {
+                // Parsed as any value, not as `String`: serde_json's typed
+                // entry points link its float formatting for their messages.
+                if serde_json::from_str::<StrictValue>(seg).is_ok_and(|StrictValue(v)| v.is_string()) {
                     return seg;
                 }
                 at = field.get(..j).and_then(|f| f.rfind("[\""));

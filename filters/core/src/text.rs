@@ -17,6 +17,55 @@ pub fn hex16(n: u64) -> String {
     digits(n, 16, 16)
 }
 
+/// A finite `f` as `f.to_string()` prints it: the fewest digits that read
+/// back as `f`, never an exponent (`90`, `0.25`, `100000000000000000000`);
+/// where two digit strings of that length read back as `f`, either. Or
+/// `None` for NaN and the infinities. The digits come from serde_json's
+/// float printer, which every module links already: `f64`'s own `Display`
+/// would add about 20 KB of `core::fmt` float code to each module.
+pub fn float(f: f64) -> Option<String> {
+    let printed = serde_json::Number::from_f64(f)?.to_string();
+    // serde_json prints `-`? digits [`.` digits] [`e` sign? digits].
+    let (sign, rest) = match printed.strip_prefix('-') {
+        Some(r) => ("-", r),
+        None => ("", printed.as_str()),
+    };
+    let (mantissa, exp) = match rest.split_once('e') {
+        Some((m, e)) => (m, e.trim_start_matches('+').parse::<i32>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // All digits without the point, and where the point goes.
+    let mut all: String = [int, frac].concat();
+    let mut point = i32::try_from(int.len()).ok()?.checked_add(exp)?;
+    // Leading zeros (as in `0.000123`) carry no value; trailing ones after the
+    // point do not print.
+    let leading = all.len() - all.trim_start_matches('0').len();
+    all.drain(..leading);
+    point -= i32::try_from(leading).ok()?;
+    all.truncate(all.trim_end_matches('0').len());
+    if all.is_empty() {
+        return Some(format!("{sign}0"));
+    }
+    let len = i32::try_from(all.len()).ok()?;
+    let mut out = String::with_capacity(all.len() + 4 + point.unsigned_abs() as usize);
+    out.push_str(sign);
+    if point <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', point.unsigned_abs() as usize));
+        out.push_str(&all);
+    } else if point >= len {
+        out.push_str(&all);
+        out.extend(std::iter::repeat_n('0', (point - len) as usize));
+    } else {
+        let (a, b) = all.split_at(point as usize);
+        out.push_str(a);
+        out.push('.');
+        out.push_str(b);
+    }
+    Some(out)
+}
+
 /// `n` in `base` (at most 16), padded with zeros to at least `width` digits
 /// (at most 20).
 fn digits(n: u64, base: u64, width: usize) -> String {
@@ -57,5 +106,61 @@ mod tests {
             assert_eq!(hex(n), format!("{n:x}"));
             assert_eq!(hex16(n), format!("{n:016x}"));
         }
+    }
+
+    #[test]
+    fn float_matches_core_fmt() {
+        // Numbers as configs and metrics carry them (few digits, any scale)
+        // print exactly as `to_string` prints them.
+        let mut exact = vec![
+            0.0f64,
+            -0.0,
+            1.0,
+            -1.0,
+            0.1,
+            0.25,
+            10.5,
+            89.999,
+            90.0,
+            100.0,
+            123.456,
+            1e15,
+            1e16,
+            1e20,
+            1e21,
+            1e-7,
+            0.000123,
+            1.5e300,
+            -2.5e-300,
+            5e-324,
+            f64::MAX,
+            f64::MIN,
+            f64::MIN_POSITIVE,
+            f64::EPSILON,
+        ];
+        let mut any = Vec::new();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            exact.push((x % 1_000_000) as f64 / 10f64.powi((x >> 40) as i32 % 12));
+            let f = f64::from_bits(x);
+            if f.is_finite() {
+                any.push(f);
+            }
+        }
+        for f in exact {
+            assert_eq!(float(f).as_deref(), Some(f.to_string().as_str()), "{f:e}");
+        }
+        // Any other float: as many digits as `to_string` prints, reading back
+        // as the same float. (Where two such digit strings exist, as for
+        // 667082108456853.2 and .3, the two printers may choose differently.)
+        for f in any {
+            let text = float(f).unwrap_or_default();
+            assert_eq!(text.len(), f.to_string().len(), "{f:e}");
+            assert_eq!(text.parse::<f64>().ok(), Some(f), "{f:e}");
+        }
+        assert_eq!(float(f64::NAN), None);
+        assert_eq!(float(f64::INFINITY), None);
+        assert_eq!(float(f64::NEG_INFINITY), None);
     }
 }

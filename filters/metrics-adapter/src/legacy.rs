@@ -9,7 +9,6 @@
 //! Which requests are adapted ([`route`]) and what happens to their response
 //! headers and body ([`Rewrite`]) are decided here too; the stage applies.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use meshpatterns_core::error::ConfigError;
@@ -205,7 +204,7 @@ impl LegacySpec {
 
     fn render(&self, samples: &[(String, String)], error: Option<&str>) -> String {
         let mut out = String::new();
-        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut seen: ahash::AHashSet<String> = ahash::AHashSet::new();
         if let Some(e) = error {
             let _ = writeln!(out, "# meshpatterns metrics-adapter: {}", one_line(e));
         }
@@ -353,7 +352,7 @@ fn json_number(v: &serde_json::Value) -> Option<String> {
 }
 
 fn float_text(f: f64) -> Option<String> {
-    f.is_finite().then(|| format!("{f}"))
+    meshpatterns_core::text::float(f)
 }
 
 /// A decimal number as Prometheus text, or `None` (words, `inf`, `nan`, empty).

@@ -9,13 +9,11 @@
 //! one more release); header conditions listing several `values`, and
 //! `cookies`, have no equivalent in the shared syntax and are kept as they are.
 
-use std::collections::BTreeMap;
-
 use meshpatterns_core::cookie::{CookieConfig, CookieSpec};
 use meshpatterns_core::error::ConfigError;
 use meshpatterns_core::key::{KeySourceConfig, KeySpec, MAX_KEY_BYTES};
 use meshpatterns_core::scope::{HeaderCondition, MatchConfig, Matcher};
-use meshpatterns_core::{names, KeySource};
+use meshpatterns_core::{names, text, KeySource};
 use serde::Deserialize;
 
 /// Buckets a user key is hashed into; an arm's percentage × 100 is its bucket count.
@@ -82,8 +80,11 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub targeting: Option<TargetingConfig>,
     /// User key -> arm, forced into the experiment.
+    // A JSON object as parsed (keys sorted, each once), values checked in
+    // `try_new`: a map type of its own would add a second B-tree to the module.
     #[serde(default)]
-    pub allow: BTreeMap<String, String>,
+    #[cfg_attr(feature = "schema", schemars(with = "std::collections::BTreeMap<String, String>"))]
+    pub allow: serde_json::Map<String, serde_json::Value>,
     /// User keys kept out of the experiment (served by control, not exposed).
     #[serde(default)]
     pub deny: Vec<String>,
@@ -259,7 +260,7 @@ fn basis_points(field: &str, percent: f64) -> Result<u64, ConfigError> {
     if !percent.is_finite() || !(0.0..=100.0).contains(&percent) || (scaled - rounded).abs() > 1e-6 {
         return Err(ConfigError::new(
             field,
-            percent,
+            text::float(percent).unwrap_or_else(|| "not a finite number".into()),
             "a number from 0 to 100 with at most two decimals (units of 0.01 %, one bucket in 10,000)",
         ));
     }
@@ -398,7 +399,7 @@ impl Experiment {
         }
         let total: u64 = arms.iter().map(|a| a.buckets).sum();
         if total != BUCKETS {
-            let list: Vec<String> = c.arms.iter().map(|a| a.percent.to_string()).collect();
+            let list: Vec<String> = c.arms.iter().map(|a| text::float(a.percent).unwrap_or_default()).collect();
             return Err(ConfigError::new(
                 "arms[].percent",
                 format!("{} (sum {})", list.join(" + "), percent_text(total)),
@@ -441,7 +442,10 @@ impl Experiment {
         let mut allow = Vec::with_capacity(c.allow.len());
         for (user, arm) in &c.allow {
             check_user(&format!("allow.{user}"), user)?;
-            let a = arms.iter().position(|x| &x.name == arm).ok_or_else(|| {
+            let Some(arm) = arm.as_str() else {
+                return Err(ConfigError::new(format!("allow.{user}"), arm, "an arm name (a string)"));
+            };
+            let a = arms.iter().position(|x| x.name == arm).ok_or_else(|| {
                 let names: Vec<&str> = arms.iter().map(|a| a.name.as_str()).collect();
                 ConfigError::new(format!("allow.{user}"), format!("{arm:?}"), format!("one of the arm names: {}", names.join(", ")))
             })?;

@@ -1,7 +1,6 @@
 //! The plugin configuration as written (JSON for Envoy, YAML `pluginConfig`
 //! for Istio) and its validation into [`Settings`].
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use meshpatterns_core::error::ConfigError;
@@ -530,7 +529,6 @@ impl Settings {
                 ));
             }
         }
-        let mut seen = BTreeSet::new();
         let mut policies = Vec::new();
         let mut deprecated = Vec::new();
         for (i, p) in c.policies.iter().enumerate() {
@@ -540,7 +538,8 @@ impl Settings {
                 used.into_iter()
                     .map(|d| Deprecation { old: format!("policies[{i}].match.{}", d.old), new: format!("policies[{i}].match.{}", d.new) }),
             );
-            if !seen.insert(policy.name.clone()) {
+            // At most MAX_POLICIES names: a scan, not a set.
+            if policies.iter().any(|p: &Policy| p.name == policy.name) {
                 return Err(ConfigError::new(format!("policies[{i}].name"), format!("{:?}", policy.name), "a name no other policy uses"));
             }
             policies.push(policy);
@@ -657,7 +656,10 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mu
     if let Some(f) = p.failure_mode {
         return Err(ConfigError::new(
             "failureMode",
-            format!("{f:?}").to_lowercase(),
+            match f {
+                FailureMode::Open => "open",
+                FailureMode::Closed => "closed",
+            },
             "only with mode global (a local policy's bucket is in this Envoy; it fails open, counted in fail_open)",
         ));
     }
