@@ -596,6 +596,8 @@ mod tests {
             (exp(r#"{"name":"c","percent":20},{"name":"a","percent":60},{"name":"b","percent":20}"#, ""), "experiments[0].arms[1].percent"),
             (exp(ok, r#","controlArm":"x""#), "experiments[0].controlArm"),
             (exp(ok, r#","allow":{"u":"nope"}"#), "experiments[0].allow.u"),
+            (exp(ok, r#","allow":{"u":7}"#), "experiments[0].allow.u"),
+            (exp(ok, r#","allow":["u"]"#), "experiments[0].allow"),
             (exp(ok, r#","allow":{"u":"t"},"deny":["u"]"#), "experiments[0].deny[0]"),
             (exp(ok, r#","routingHeader":"x-user-id""#), "experiments[0].routingHeader"),
             (exp(ok, r#","routingHeader":"cookie""#), "experiments[0].routingHeader"),
@@ -651,6 +653,13 @@ mod tests {
         ))
         .unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        // Values print as the config wrote them.
+        let e = settings(&exp(r#"{"name":"c","percent":90},{"name":"t","percent":5.5}"#, "")).unwrap_err();
+        assert_eq!(e.value, "90 + 5.5 (sum 95.5)");
+        let e = settings(&exp(r#"{"name":"c","percent":89.999},{"name":"t","percent":10.001}"#, "")).unwrap_err();
+        assert_eq!(e.value, "89.999");
+        let e = settings(&exp(ok, r#","allow":{"u":7}"#)).unwrap_err();
+        assert_eq!((e.value.as_str(), e.allowed.as_str()), ("7", "an arm name (a string)"));
         // Fractional percentages in basis points are fine.
         assert!(settings(&exp(r#"{"name":"c","percent":87.5},{"name":"t","percent":12.25},{"name":"u","percent":0.25}"#, "")).is_ok());
     }
