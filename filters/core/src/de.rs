@@ -260,11 +260,7 @@ impl<'de> de::Deserializer<'de> for De<'_> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Error> {
-        let r = match self.v {
-            Value::Object(m) => visit_object(m, self.chain, self.track, visitor),
-            other => Err(de::Error::invalid_type(unexpected(other), &visitor)),
-        };
-        r.map_err(|e| self.fail(e))
+        self.deserialize_map(visitor)
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {

@@ -75,7 +75,7 @@ impl Ring {
                 points.push((hash64(buf.as_bytes()), idx as u32));
             }
         }
-        points.sort_unstable();
+        crate::sort::heapsort(&mut points);
         Ok(Ring { members: members.iter().map(|m| m.name.clone()).collect(), points })
     }
 

@@ -456,7 +456,19 @@ pub const FILTER_STATE_KEY: &str = "filterState";
 /// Take the stage-level keys (`match`, `filterState`) out of a config object.
 pub fn take_scope(v: &mut serde_json::Value, at: &str) -> Result<(Option<Matcher>, bool), ConfigError> {
     let Some(obj) = v.as_object_mut() else { return Ok((None, true)) };
-    let scope = match obj.remove(SCOPE_KEY) {
+    // Rebuilt rather than `remove`d: the B-tree's removal code is 4 KB of
+    // module that nothing else needs.
+    let (mut scope_v, mut fs_v) = (None, None);
+    for (k, x) in std::mem::take(obj) {
+        match k.as_str() {
+            SCOPE_KEY => scope_v = Some(x),
+            FILTER_STATE_KEY => fs_v = Some(x),
+            _ => {
+                obj.insert(k, x);
+            }
+        }
+    }
+    let scope = match scope_v {
         None => None,
         Some(m) => {
             let field = join(at, SCOPE_KEY);
@@ -465,7 +477,7 @@ pub fn take_scope(v: &mut serde_json::Value, at: &str) -> Result<(Option<Matcher
             (!m.is_empty()).then_some(m)
         }
     };
-    let fs = match obj.remove(FILTER_STATE_KEY) {
+    let fs = match fs_v {
         None => true,
         Some(b) => from_value::<bool>(b, &join(at, FILTER_STATE_KEY))?,
     };

@@ -459,7 +459,7 @@ impl Experiment {
             }
             deny.push(user.as_bytes().to_vec());
         }
-        deny.sort_unstable();
+        meshpatterns_core::sort::heapsort(&mut deny);
         deny.dedup();
         Ok(Experiment { name, salt, routing_header, arms, control, treatments, targeting, allow, deny })
     }
