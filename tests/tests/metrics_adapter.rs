@@ -237,9 +237,13 @@ fn an_abandoned_stream_is_counted_as_an_error_without_status() {
     fn none(t: &str) -> [(&str, &str); 5] {
         [("route", "app"), ("cluster", "app"), ("method", "GET"), ("status_class", "none"), ("tenant", t)]
     }
-    let text = wait_for("two abandoned streams counted", Duration::from_secs(20), || {
+    // Each VM flushes its batched counters on its tick, one series' requests
+    // and then its errors, as separate hostcalls: a scrape can fall between
+    // the two. Wait until every expected series is flushed, then assert.
+    let text = wait_for("two abandoned streams and one answer counted", Duration::from_secs(20), || {
         let t = prometheus_text(&envoy);
-        (try_value(&t, REQ, &none("gone-2")) == Some(1.0)).then_some(t)
+        let total = |name| samples(&t, name).iter().map(|(_, v)| v).sum::<f64>();
+        (try_value(&t, REQ, &none("gone-2")) == Some(1.0) && total(REQ) >= 3.0 && total(ERR) >= 2.0).then_some(t)
     });
     assert_eq!(value(&text, REQ, &none("gone-1")), 1.0);
     assert_eq!(value(&text, ERR, &none("gone-1")), 1.0);
