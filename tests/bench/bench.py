@@ -264,9 +264,9 @@ SCENARIOS = {
     # Crossings (bench-only modules crossings-body and crossings-headers,
     # filters/crossings): exactly the crossings a filter's scenario makes (the
     # same exports, entries into the VM, hostcalls and allocations in the
-    # module's memory, in the same Envoy config) and
-    # nothing else. What such a scenario adds is what those crossings alone
-    # cost this Envoy; the filter's figure less it is the filter's own work.
+    # module's memory, in the same Envoy config) and nothing else. What such
+    # a scenario adds is what those crossings alone cost this Envoy; the
+    # filter's figure less it is the filter's own work.
     "crossings-consistent-hash": {
         "kind": "anchor",
         "header": "x-user-id",
