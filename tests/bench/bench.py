@@ -1139,9 +1139,12 @@ def wasm_exports(path):
 
 def wasm_sizes(args):
     rows = []
-    # the modules `make build` optimised (cargo's directory may hold others)
+    # the modules `make build` optimised (cargo's directory may hold others),
+    # those a scenario loads: a file left from a module no longer built is
+    # not listed
     listed = args.wasm_dir if os.path.isdir(args.wasm_dir) else args.cargo_wasm_dir
-    names = sorted(f[:-5] for f in os.listdir(listed) if f.endswith(".wasm")) if os.path.isdir(listed) else []
+    loaded = {m for sc in SCENARIOS.values() for m in sc["wasm"]}
+    names = sorted(f[:-5] for f in os.listdir(listed) if f.endswith(".wasm") and f[:-5] in loaded) if os.path.isdir(listed) else []
     for n in names:
         sizes = []
         for d in (args.cargo_wasm_dir, args.wasm_dir):
