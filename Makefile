@@ -173,6 +173,35 @@ bench: envoy build ## benchmark every filter against baseline, empty filter and 
 	cargo build -q --release -p meshpatterns-tests --bin rls
 	python3 tests/bench/bench.py --envoy "$(ENVOY_BIN)" --wasm-dir "$(CURDIR)/$(DIST)" --out BENCHMARKS.md
 
+# `make profile`: the wasm instructions each filter runs per request, and its
+# crossings module, exact and in seconds, without Envoy (wasmtime's fuel;
+# tests/bench/wasm_profile.py, tests/bench/README.md). The figure to steer our
+# own work by between two `make bench` runs.
+WASMTIME_PY_VERSION ?= 50.0.1
+PYYAML_VERSION      ?= 6.0.3
+# `make profile-functions PROFILE=<scenario>`: the functions that scenario's
+# module runs its requests in (a build that keeps function names, callgrind).
+PROFILE ?= rate-limiter
+
+.PHONY: profile
+profile: build $(VENV)/.profile-$(WASMTIME_PY_VERSION) ## wasm instructions per request of every filter and of its crossings module (exact, no Envoy)
+	$(VENV)/bin/python3 tests/bench/wasm_profile.py --wasm-dir $(DIST)
+
+.PHONY: profile-functions
+profile-functions: toolchain apt-tools $(VENV)/.profile-$(WASMTIME_PY_VERSION) ## the functions PROFILE's module (default rate-limiter) spends its requests in
+	@# The same build as `make build`, into target/profile, keeping the name section.
+	CARGO_TARGET_DIR=target/profile-cargo CARGO_PROFILE_RELEASE_STRIP=false $(MAKE) --no-print-directory build \
+		MODULES="$(if $(filter pipeline,$(PROFILE)),meshpatterns,$(PROFILE)) crossings-headers crossings-body" \
+		DIST=target/profile WASM_OUT=target/profile-cargo/$(WASM_TARGET)/release WASM_BOUND=999999999 PIPELINE_WASM_BOUND=999999999 \
+		WASM_OPT_FLAGS="$(filter-out --strip-debug,$(WASM_OPT_FLAGS)) -g --strip-dwarf"
+	$(VENV)/bin/python3 tests/bench/wasm_profile.py --wasm-dir target/profile $(PROFILE)
+	$(VENV)/bin/python3 tests/bench/wasm_profile.py --wasm-dir target/profile --functions $(PROFILE)
+
+$(VENV)/.profile-$(WASMTIME_PY_VERSION):
+	test -x $(VENV)/bin/python3 || python3 -m venv $(VENV) || { echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check wasmtime==$(WASMTIME_PY_VERSION) PyYAML==$(PYYAML_VERSION)
+	@touch $@
+
 # The soak (tests/src/bin/soak.rs; results in RELIABILITY.md): every module at
 # once under saturation with 100,000 keys, ECDS reloads and client aborts.
 SOAK_SECONDS ?= 600

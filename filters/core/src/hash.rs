@@ -30,11 +30,18 @@ pub fn hash64_seeded(bytes: &[u8], seed: u64) -> u64 {
 /// Hash of a salted key: XXH64 over `le32(len(salt)) || salt || key`, seed 0.
 /// The length prefix keeps ("ab", "c") and ("a", "bc") apart.
 pub fn salted_hash64(salt: &[u8], key: &[u8]) -> u64 {
-    let mut buf = Vec::with_capacity(4 + salt.len() + key.len());
+    salted_hash64_seeded(salt, key, 0)
+}
+
+/// [`salted_hash64`] with an explicit seed: XXH64 over
+/// `le32(len(salt)) || salt || key`. The input is put together on the stack
+/// (a key that long is rare: past 256 bytes it goes to the heap).
+pub fn salted_hash64_seeded(salt: &[u8], key: &[u8], seed: u64) -> u64 {
+    let mut buf = crate::bytes::StackBytes::<256>::new();
     buf.extend_from_slice(&(salt.len() as u32).to_le_bytes());
     buf.extend_from_slice(salt);
     buf.extend_from_slice(key);
-    xxh64(&buf, 0)
+    xxh64(&buf, seed)
 }
 
 /// The hash as 16 lowercase hex digits, the form written into headers.

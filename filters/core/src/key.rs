@@ -185,16 +185,25 @@ impl KeySource {
 
     /// The key this source yields for `req`, if any: the bytes the client sent.
     pub fn extract(&self, req: &dyn RequestView) -> Option<Vec<u8>> {
+        self.extract_cow(req).map(Cow::into_owned)
+    }
+
+    /// [`extract`](Self::extract), borrowing from the request where it can
+    /// (a header key is then not copied).
+    pub fn extract_cow<'r>(&self, req: &'r dyn RequestView) -> Option<Cow<'r, [u8]>> {
         let path = || req.header_bytes(":path");
-        let v: Vec<u8> = match self {
-            KeySource::Header(h) => req.header_bytes(h)?.trim_ascii().to_vec(),
-            KeySource::Cookie(c) => cookie::find_bytes(&req.header_bytes("cookie")?, c)?.to_vec(),
-            KeySource::Query(q) => query_param_bytes(&path()?, q)?,
-            KeySource::PathSegment(i) => path_only(&path()?).split(|b| *b == b'/').filter(|s| !s.is_empty()).nth(*i)?.to_vec(),
-            KeySource::PathRegex { regex, group } => regex_capture(regex, *group, path_only(&path()?))?,
-            KeySource::ClientAddress { trusted_hops } => client_address(req, *trusted_hops)?.into_bytes(),
-            KeySource::Method => req.header_bytes(":method")?.into_owned(),
-            KeySource::Path => path_only(&path()?).to_vec(),
+        let v: Cow<'r, [u8]> = match self {
+            KeySource::Header(h) => match req.header_bytes(h)? {
+                Cow::Borrowed(b) => Cow::Borrowed(b.trim_ascii()),
+                Cow::Owned(o) => Cow::Owned(o.trim_ascii().to_vec()),
+            },
+            KeySource::Cookie(c) => Cow::Owned(cookie::find_bytes(&req.header_bytes("cookie")?, c)?.to_vec()),
+            KeySource::Query(q) => Cow::Owned(query_param_bytes(&path()?, q)?),
+            KeySource::PathSegment(i) => Cow::Owned(path_only(&path()?).split(|b| *b == b'/').filter(|s| !s.is_empty()).nth(*i)?.to_vec()),
+            KeySource::PathRegex { regex, group } => Cow::Owned(regex_capture(regex, *group, path_only(&path()?))?),
+            KeySource::ClientAddress { trusted_hops } => Cow::Owned(client_address(req, *trusted_hops)?.into_bytes()),
+            KeySource::Method => req.header_bytes(":method")?,
+            KeySource::Path => Cow::Owned(path_only(&path()?).to_vec()),
         };
         (!v.is_empty() && v.len() <= MAX_KEY_BYTES).then_some(v)
     }
@@ -378,24 +387,35 @@ impl KeySpec {
 
     /// Try the sources in order, then the fallback.
     pub fn extract(&self, req: &dyn RequestView) -> Option<KeyMatch> {
+        self.extract_cow(req).map(|(source, v)| KeyMatch { source, value: v.into_owned() })
+    }
+
+    /// [`extract`](Self::extract) as (source index, key), the key borrowed
+    /// from the request (or the config, for the fallback) where it can be.
+    pub fn extract_cow<'r>(&'r self, req: &'r dyn RequestView) -> Option<(Option<usize>, Cow<'r, [u8]>)> {
         self.sources
             .iter()
             .enumerate()
-            .find_map(|(i, s)| s.extract(req).map(|value| KeyMatch { source: Some(i), value }))
-            .or_else(|| self.fallback.as_ref().map(|f| KeyMatch { source: None, value: f.as_bytes().to_vec() }))
+            .find_map(|(i, s)| s.extract_cow(req).map(|v| (Some(i), v)))
+            .or_else(|| self.fallback.as_ref().map(|f| (None, Cow::Borrowed(f.as_bytes()))))
     }
 
-    /// Label of the source that produced `m` (`fallback` for the literal).
-    /// Borrowed from the labels made with the spec: the request path
-    /// allocates nothing for it.
-    pub fn label(&self, m: &KeyMatch) -> Cow<'_, str> {
-        let Some(i) = m.source else { return Cow::Borrowed("fallback") };
+    /// The label of source `source` (see [`label`](Self::label)).
+    pub fn source_label(&self, source: Option<usize>) -> Cow<'_, str> {
+        let Some(i) = source else { return Cow::Borrowed("fallback") };
         match (self.labels.get(i), self.sources.get(i)) {
             (Some(l), _) => Cow::Borrowed(l),
             // A source added to `sources` directly, not through `push`.
             (None, Some(s)) => Cow::Owned(s.label()),
             (None, None) => Cow::Borrowed("fallback"),
         }
+    }
+
+    /// Label of the source that produced `m` (`fallback` for the literal).
+    /// Borrowed from the labels made with the spec: the request path
+    /// allocates nothing for it.
+    pub fn label(&self, m: &KeyMatch) -> Cow<'_, str> {
+        self.source_label(m.source)
     }
 }
 

@@ -6,6 +6,7 @@
 //! `wasm32-unknown-unknown`, and inside Envoy on `wasm32-wasip1`. A filter crate
 //! is then a thin adapter: read the request, call in here, apply the result.
 //!
+//! * [`bytes`]: short byte strings on the stack (keys, numbers) for the request path.
 //! * [`error`]: the config error every filter reports (field, value, what is allowed).
 //! * [`hash`]: the stable 64-bit placement hash (XXH64), with test vectors.
 //! * [`place`]: consistent placement (weighted rendezvous hashing, jump hash, buckets).
@@ -17,6 +18,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+pub mod bytes;
 pub mod cookie;
 pub mod de;
 pub mod error;

@@ -2,19 +2,71 @@
 //! go through `core::fmt`, which costs several times as much per number
 //! inside the VM. Each output is exactly what `{n}` and `{n:x}` print.
 
+/// A number's digits, on the stack (at most 20: `u64::MAX` in decimal).
+#[derive(Clone, Copy)]
+pub struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
+    }
+    pub fn as_str(&self) -> &str {
+        // SAFETY: `digits` writes only ASCII digits and letters a-f.
+        unsafe { std::str::from_utf8_unchecked(self.as_bytes()) }
+    }
+}
+
+impl std::ops::Deref for Digits {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<[u8]> for Digits {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::fmt::Display for Digits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Digits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
 /// `n` in decimal, as `n.to_string()` prints it.
 pub fn decimal(n: u64) -> String {
-    digits(n, 10, 1)
+    decimal_digits(n).to_string()
+}
+
+/// [`decimal`] without an allocation.
+pub fn decimal_digits(n: u64) -> Digits {
+    digits::<false>(n, 1)
 }
 
 /// `n` in lowercase hexadecimal without leading zeros, as `format!("{n:x}")`.
 pub fn hex(n: u64) -> String {
-    digits(n, 16, 1)
+    hex_digits(n).to_string()
+}
+
+/// [`hex`] without an allocation.
+pub fn hex_digits(n: u64) -> Digits {
+    digits::<true>(n, 1)
 }
 
 /// `n` as 16 lowercase hex digits, as `format!("{n:016x}")`.
 pub fn hex16(n: u64) -> String {
-    digits(n, 16, 16)
+    digits::<true>(n, 16).to_string()
 }
 
 /// A finite `f` as `f.to_string()` prints it: the fewest digits that read
@@ -66,25 +118,24 @@ pub fn float(f: f64) -> Option<String> {
     Some(out)
 }
 
-/// `n` in `base` (at most 16), padded with zeros to at least `width` digits
-/// (at most 20).
-fn digits(n: u64, base: u64, width: usize) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+/// `n` in hex (`HEX`) or decimal, padded with zeros to at least `width` digits
+/// (at most 20). Written from the last digit back, by iterator (no index
+/// checks); hex digits come from shifts, decimal ones from dividing by the
+/// constant 10.
+fn digits<const HEX: bool>(n: u64, width: usize) -> Digits {
     let mut buf = [b'0'; 20];
-    let mut at = buf.len();
     let mut rest = n;
-    loop {
-        at -= 1;
-        if let (Some(d), Some(c)) = (buf.get_mut(at), DIGITS.get((rest % base) as usize)) {
-            *d = *c;
-        }
-        rest /= base;
-        if (rest == 0 && buf.len() - at >= width) || at == 0 {
+    let mut written = 0;
+    for slot in buf.iter_mut().rev() {
+        let d = if HEX { (rest & 15) as u8 } else { (rest % 10) as u8 };
+        rest = if HEX { rest >> 4 } else { rest / 10 };
+        *slot = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        written += 1;
+        if rest == 0 && written >= width {
             break;
         }
     }
-    // ASCII, so always valid UTF-8.
-    std::str::from_utf8(buf.get(at..).unwrap_or_default()).map(str::to_owned).unwrap_or_default()
+    Digits { buf, start: 20 - written }
 }
 
 #[cfg(test)]
@@ -103,7 +154,9 @@ mod tests {
         }
         for n in samples {
             assert_eq!(decimal(n), n.to_string());
+            assert_eq!(decimal_digits(n).as_str(), n.to_string());
             assert_eq!(hex(n), format!("{n:x}"));
+            assert_eq!(hex_digits(n).as_str(), format!("{n:x}"));
             assert_eq!(hex16(n), format!("{n:016x}"));
         }
     }

@@ -3,7 +3,7 @@
 use meshpatterns_core::ConfigError;
 use meshpatterns_host::{mint_id, BatchedCounter, Flow, Pattern, Request, Response, Stage};
 
-use crate::logic::{decide, Config, OverrideStatus, Reason, Settings};
+use crate::logic::{decide, Assignment, Config, OverrideStatus, Reason, Settings};
 use crate::{METRIC_PREFIX, STATE_ARM, STATE_REASON, STATE_USER_SOURCE};
 
 struct ArmMetrics {
@@ -64,8 +64,9 @@ pub struct ExperimentSplitter {
 /// What the response side needs from the request side.
 #[derive(Default)]
 pub struct Stream {
-    /// (experiment, arm) of the hash-assigned arms, for the 5xx counters.
-    hashed: Vec<(usize, usize)>,
+    /// Each experiment's assignment (in config order), for the 5xx
+    /// counters of the hash-assigned arms.
+    assignments: Vec<Assignment>,
     set_cookies: Vec<String>,
     expose: Option<String>,
 }
@@ -103,7 +104,7 @@ impl Stage for ExperimentSplitter {
         if req.records_state() {
             req.record(STATE_ARM, d.arms_label(s));
             req.record(STATE_REASON, d.reasons_label(s));
-            req.record(STATE_USER_SOURCE, d.user_source.as_str());
+            req.record(STATE_USER_SOURCE, &*d.user_source);
         }
 
         for (e, a) in d.assignments.iter().enumerate() {
@@ -112,7 +113,6 @@ impl Stage for ExperimentSplitter {
                     if let Some(am) = m.arm(e, a.arm) {
                         am.requests.inc();
                     }
-                    st.hashed.push((e, a.arm));
                 }
                 Reason::Allow | Reason::Override => m.forced.get(e).iter().for_each(|c| c.inc()),
                 Reason::Deny | Reason::Untargeted | Reason::NoKey => m.excluded.get(e).iter().for_each(|c| c.inc()),
@@ -130,15 +130,17 @@ impl Stage for ExperimentSplitter {
             m.client_header_replaced.inc();
         }
         st.set_cookies = d.set_cookies;
+        st.assignments = d.assignments;
         st.expose = d.expose;
         Flow::Continue
     }
 
     fn on_response(&self, resp: &mut Response, st: &mut Stream) {
         // Only hash-assigned requests are counted, so the status is read only for them.
-        if !st.hashed.is_empty() && resp.status().is_some_and(|s| (500..600).contains(&s)) {
-            for &(e, a) in &st.hashed {
-                if let Some(am) = self.metrics.arm(e, a) {
+        let hashed = || st.assignments.iter().enumerate().filter(|(_, a)| a.reason == Reason::Hash);
+        if hashed().next().is_some() && resp.status().is_some_and(|s| (500..600).contains(&s)) {
+            for (e, a) in hashed() {
+                if let Some(am) = self.metrics.arm(e, a.arm) {
                     am.responses_5xx.inc();
                 }
             }

@@ -10,15 +10,18 @@ use std::ops::Range;
 #[derive(Debug, Default, Clone)]
 pub struct HeaderMap {
     buf: Vec<u8>,
-    entries: Vec<(Range<usize>, Range<usize>)>,
+    entries: Vec<Entry>,
 }
+
+/// Where one header's name and value are in the buffer.
+type Entry = (Range<usize>, Range<usize>);
 
 impl HeaderMap {
     /// Parse a serialized map. A truncated or inconsistent buffer yields the
     /// headers read before the damage (never a panic).
     pub fn parse(buf: Vec<u8>) -> HeaderMap {
         let u32_at = |i: usize| buf.get(i..i + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(|a| u32::from_le_bytes(a) as usize);
-        let mut entries = Vec::new();
+        let mut entries = SPARE_ENTRIES.with(|e| e.take()).unwrap_or_default();
         if let Some(n) = u32_at(0) {
             // Each header needs at least 10 bytes: never trust a huge count.
             let n = n.min(buf.len() / 10);
@@ -72,36 +75,60 @@ impl HeaderMap {
     /// First value of `name` (lowercase); for `cookie`, every copy joined
     /// with `"; "` (HTTP/2 clients send one header per cookie).
     pub fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        let mut matching = self.values(name.as_bytes());
-        let first = matching.next()?;
-        if name != "cookie" {
-            return Some(Cow::Borrowed(first));
+        let name = name.as_bytes();
+        let first = self.position(name, 0)?;
+        let value = self.value_at(first);
+        if name != b"cookie" {
+            return Some(Cow::Borrowed(value));
         }
-        match matching.next() {
-            None => Some(Cow::Borrowed(first)),
-            Some(second) => {
-                let mut all = [first, second].join(&b"; "[..]);
-                for more in matching {
-                    all.extend_from_slice(b"; ");
-                    all.extend_from_slice(more);
-                }
-                Some(Cow::Owned(all))
-            }
+        let Some(second) = self.position(name, first + 1) else { return Some(Cow::Borrowed(value)) };
+        let mut all = value.to_vec();
+        let mut at = Some(second);
+        while let Some(i) = at {
+            all.extend_from_slice(b"; ");
+            all.extend_from_slice(self.value_at(i));
+            at = self.position(name, i + 1);
         }
+        Some(Cow::Owned(all))
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.values(name.as_bytes()).next().is_some()
+        self.position(name.as_bytes(), 0).is_some()
     }
 
-    /// The values of every copy of `name`, in order. Names of another
-    /// length are passed over without reading their bytes: most lookups are
-    /// of a header the request does not have, or has once.
-    fn values<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
-        self.entries
-            .iter()
-            .filter(move |(k, _)| k.len() == name.len() && self.buf.get(k.clone()) == Some(name))
-            .filter_map(|(_, v)| self.buf.get(v.clone()))
+    /// The index of the first header named `name` from entry `from` on.
+    /// Names of another length are passed over without reading their bytes:
+    /// most lookups are of a header the request does not have, or has once.
+    fn position(&self, name: &[u8], from: usize) -> Option<usize> {
+        let mut i = from;
+        while let Some((k, _)) = self.entries.get(i) {
+            if k.len() == name.len() && self.buf.get(k.clone()) == Some(name) {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn value_at(&self, i: usize) -> &[u8] {
+        self.entries.get(i).and_then(|(_, v)| self.buf.get(v.clone())).unwrap_or_default()
+    }
+}
+
+thread_local! {
+    /// The entry vector of the last map dropped, emptied, for the next one:
+    /// a request then allocates nothing for its header index.
+    static SPARE_ENTRIES: std::cell::Cell<Option<Vec<Entry>>> = const { std::cell::Cell::new(None) };
+}
+
+impl Drop for HeaderMap {
+    fn drop(&mut self) {
+        let mut e = std::mem::take(&mut self.entries);
+        // A map with unusually many headers does not keep its index.
+        if e.capacity() <= 128 {
+            e.clear();
+            SPARE_ENTRIES.with(|s| s.set(Some(e)));
+        }
     }
 }
 
@@ -138,7 +165,7 @@ mod tests {
         let mut raw = Vec::new();
         raw.extend_from_slice(&1000u32.to_le_bytes());
         assert!(HeaderMap::parse(raw).is_empty());
-        let full = HeaderMap::from_pairs(&[("a", b"bc"), ("d", b"e")]).buf;
+        let full = HeaderMap::from_pairs(&[("a", b"bc"), ("d", b"e")]).buf.clone();
         for cut in 0..full.len() {
             let m = HeaderMap::parse(full[..cut].to_vec());
             assert!(m.len() <= 2);

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
+use std::ops::Range;
 
 use meshpatterns_core::error::{from_value, join, parse_value};
 use meshpatterns_core::scope::{MatchConfig, Matcher};
@@ -54,16 +55,55 @@ pub mod grpc {
     pub const INTERNAL: u32 = 13;
 }
 
+/// A request-header change: the name and (for a set) the value, as ranges
+/// of [`Writes::bytes`].
 #[derive(Debug, Clone)]
-enum HeaderOp {
-    Set(String, Vec<u8>),
-    Remove(String),
+struct HeaderOp {
+    name: Range<usize>,
+    value: Option<Range<usize>>,
+}
+
+/// The header changes of one request, in order: every name and value in
+/// one byte buffer. The buffers go back to a per-VM spare when the request
+/// is done, so after the first requests recording a change allocates
+/// nothing.
+#[derive(Debug, Default)]
+struct Writes {
+    ops: Vec<HeaderOp>,
+    bytes: Vec<u8>,
+}
+
+impl Writes {
+    fn push(&mut self, name: &str, value: Option<&[u8]>) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(name.as_bytes());
+        let name = start..self.bytes.len();
+        let value = value.map(|v| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(v);
+            start..self.bytes.len()
+        });
+        self.ops.push(HeaderOp { name, value });
+    }
+
+    /// Each change as (name, value), in order; `None` removes.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = (&[u8], Option<&[u8]>)> + '_ {
+        self.ops.iter().map(|op| {
+            let name = self.bytes.get(op.name.clone()).unwrap_or_default();
+            (name, op.value.as_ref().map(|v| self.bytes.get(v.clone()).unwrap_or_default()))
+        })
+    }
+}
+
+thread_local! {
+    /// The buffers of the last finished request's [`Writes`], for the next.
+    static SPARE_WRITES: std::cell::Cell<Option<Writes>> = const { std::cell::Cell::new(None) };
 }
 
 /// The request as the stages see it, and what they change.
 pub struct Request<'a> {
     headers: &'a HeaderMap,
-    ops: Vec<HeaderOp>,
+    writes: Writes,
     state: Vec<(&'static str, String)>,
     record_state: bool,
     clear_route: bool,
@@ -81,7 +121,7 @@ impl<'a> Request<'a> {
     pub fn new(headers: &'a HeaderMap, context_id: u32) -> Request<'a> {
         Request {
             headers,
-            ops: Vec::new(),
+            writes: SPARE_WRITES.with(|w| w.take()).unwrap_or_default(),
             state: Vec::new(),
             record_state: true,
             clear_route: false,
@@ -130,13 +170,13 @@ impl<'a> Request<'a> {
     }
 
     /// Set a request header, replacing every copy the client sent.
-    pub fn set_header(&mut self, name: &str, value: impl Into<Vec<u8>>) {
-        self.ops.push(HeaderOp::Set(name.to_string(), value.into()));
+    pub fn set_header(&mut self, name: &str, value: impl AsRef<[u8]>) {
+        self.writes.push(name, Some(value.as_ref()));
     }
 
     /// Remove every copy of a request header.
     pub fn remove_header(&mut self, name: &str) {
-        self.ops.push(HeaderOp::Remove(name.to_string()));
+        self.writes.push(name, None);
     }
 
     /// Ask Envoy to select the route again after the writes (only where the
@@ -168,18 +208,14 @@ impl<'a> Request<'a> {
     /// client's, with the writes recorded until now applied (a written
     /// header comes last). For stages that repeat the request elsewhere.
     pub fn header_pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let touched =
-            |name: &[u8]| self.ops.iter().any(|op| matches!(op, HeaderOp::Set(n, _) | HeaderOp::Remove(n) if n.as_bytes() == name));
+        let touched = |name: &[u8]| self.writes.iter().any(|(n, _)| n == name);
         let mut out: Vec<(Vec<u8>, Vec<u8>)> =
             self.headers.iter().filter(|(k, _)| !touched(k)).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-        for (i, op) in self.ops.iter().enumerate() {
+        for (i, (name, value)) in self.writes.iter().enumerate() {
             // Only the last write to a name counts.
-            let name = match op {
-                HeaderOp::Set(n, _) | HeaderOp::Remove(n) => n,
-            };
-            let later = self.ops.iter().skip(i + 1).any(|o| matches!(o, HeaderOp::Set(m, _) | HeaderOp::Remove(m) if m == name));
-            if let (HeaderOp::Set(n, v), false) = (op, later) {
-                out.push((n.as_bytes().to_vec(), v.clone()));
+            let later = self.writes.iter().skip(i + 1).any(|(m, _)| m == name);
+            if let (Some(v), false) = (value, later) {
+                out.push((name.to_vec(), v.to_vec()));
             }
         }
         out
@@ -193,12 +229,14 @@ impl<'a> Request<'a> {
     /// so the call is not needed today; it is made anyway wherever the route
     /// depends on a header we wrote, so a future ABI keeps routing right.
     pub fn apply(self) {
-        for op in &self.ops {
-            let r = match op {
-                HeaderOp::Set(n, v) => abi::replace_header(Map::RequestHeaders, n, v).map_err(|s| (n, s)),
-                HeaderOp::Remove(n) => abi::remove_header(Map::RequestHeaders, n).map_err(|s| (n, s)),
+        for (name, value) in self.writes.iter() {
+            // Names were recorded from `&str`: always UTF-8.
+            let n = std::str::from_utf8(name).unwrap_or_default();
+            let r = match value {
+                Some(v) => abi::replace_header(Map::RequestHeaders, n, v),
+                None => abi::remove_header(Map::RequestHeaders, n),
             };
-            if let Err((n, s)) = r {
+            if let Err(s) = r {
                 log::warn!("cannot change request header {n}: status {s}");
             }
         }
@@ -213,14 +251,23 @@ impl<'a> Request<'a> {
     }
 }
 
+impl Drop for Request<'_> {
+    /// The change buffers go back to the spare, emptied, for the next request.
+    fn drop(&mut self) {
+        let mut w = std::mem::take(&mut self.writes);
+        // A request that wrote unusually much does not keep its buffers.
+        if w.bytes.capacity() <= 4096 && w.ops.capacity() <= 64 {
+            w.ops.clear();
+            w.bytes.clear();
+            SPARE_WRITES.with(|s| s.set(Some(w)));
+        }
+    }
+}
+
 impl RequestView for Request<'_> {
     fn header_bytes(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        for op in self.ops.iter().rev() {
-            match op {
-                HeaderOp::Set(n, v) if n == name => return Some(Cow::Borrowed(v)),
-                HeaderOp::Remove(n) if n == name => return None,
-                _ => {}
-            }
+        if let Some((_, value)) = self.writes.iter().rev().find(|(n, _)| *n == name.as_bytes()) {
+            return value.map(Cow::Borrowed);
         }
         self.headers.get(name)
     }
@@ -533,7 +580,8 @@ impl<S: Stage> Pipeline<S> {
     /// caller sends it after releasing its own borrows (Envoy runs the
     /// response callbacks for a local reply before the send returns).
     pub fn on_request(&self, req: &mut Request<'_>, st: &mut StreamState<S>) -> RequestOutcome {
-        st.stages = Vec::with_capacity(self.stages.len());
+        st.stages.clear();
+        st.stages.reserve(self.stages.len());
         st.paused = None;
         self.run_from(0, None, req, st)
     }

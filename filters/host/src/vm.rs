@@ -18,6 +18,9 @@ use crate::stage::{
     Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Stage, StreamState,
 };
 
+/// How many emptied per-stream vectors a VM keeps for new streams.
+const SPARE_STREAMS: usize = 64;
+
 /// Envoy's filter status values.
 pub const CONTINUE: u32 = 0;
 pub const PAUSE: u32 = 1;
@@ -64,6 +67,9 @@ pub struct Vm<S: Stage> {
     calls: IdMap<u32>,
     /// gRPC calls in flight: token (unique in the VM) -> the stream.
     grpc_calls: IdMap<u32>,
+    /// Emptied per-stage state vectors of ended streams, for new streams
+    /// (at most [`SPARE_STREAMS`]): a stream then allocates nothing for them.
+    spare: Vec<Vec<Option<S::Stream>>>,
     /// Whether the module exports `proxy_on_grpc_receive`/`_close` (and
     /// the request body callback that keeps a held request's body back).
     grpc: bool,
@@ -78,6 +84,7 @@ impl<S: Stage> Vm<S> {
             streams: IdMap::default(),
             calls: IdMap::default(),
             grpc_calls: IdMap::default(),
+            spare: Vec::new(),
             grpc: false,
         }
     }
@@ -95,7 +102,8 @@ impl<S: Stage> Vm<S> {
             return;
         }
         if let Some(root) = vm.roots.get(&parent).cloned() {
-            vm.streams.insert(id, Stream { root, state: StreamState::default(), held: false });
+            let state = StreamState { stages: vm.spare.pop().unwrap_or_default(), paused: None };
+            vm.streams.insert(id, Stream { root, state, held: false });
         }
     }
 
@@ -298,6 +306,11 @@ impl<S: Stage> Vm<S> {
             // The end of the stream for the stages (metrics count it here
             // rather than in `proxy_on_log`, which would be one more entry).
             stream.root.on_end(&mut stream.state);
+            if vm.spare.len() < SPARE_STREAMS {
+                let mut stages = std::mem::take(&mut stream.state.stages);
+                stages.clear();
+                vm.spare.push(stages);
+            }
             if !vm.calls.is_empty() {
                 vm.calls.retain(|_, stream| *stream != id);
             }

@@ -17,12 +17,12 @@ pub mod table;
 use std::net::IpAddr;
 
 use meshpatterns_core::key::client_address;
-use meshpatterns_core::text::decimal;
+use meshpatterns_core::text::decimal_digits;
 use meshpatterns_core::RequestView;
 
 use bucket::{BucketState, Take};
 pub use config::{Config, FailureMode, Match, Policy, Settings};
-use table::{place, take_shared, Shared};
+use table::{take_shared, Shared};
 pub use table::{Layout, MemoryStore, Placement, SlotStore, WhenFull, MAX_CAS_ATTEMPTS};
 
 impl Match {
@@ -49,14 +49,32 @@ impl Match {
 /// is absent: the policy does not apply. Each part is at most
 /// [`meshpatterns_core::key::MAX_KEY_BYTES`] (longer values count as absent),
 /// so the key is bounded.
-pub fn composite_key(policy: &Policy, req: &dyn RequestView) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(64);
+pub fn composite_key(policy: &Policy, req: &dyn RequestView) -> Option<CompositeKey> {
+    let mut out = CompositeKey::new();
     for part in &policy.key {
-        let v = part.extract(req)?;
+        let v = part.extract_cow(req)?;
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
         out.extend_from_slice(&v);
     }
     Some(out)
+}
+
+/// A policy's key for one request, on the stack unless unusually long.
+pub type CompositeKey = meshpatterns_core::bytes::StackBytes<128>;
+
+/// Where the request's bucket for policy `p` lives: exactly
+/// `place(seed, name, composite_key(p, req))`, with the hash's input put
+/// together once, on the stack. `None` when a key part is absent.
+pub fn place_request(table: &Table, p: &Policy, req: &dyn RequestView) -> Option<Placement> {
+    let mut input = meshpatterns_core::bytes::StackBytes::<256>::new();
+    input.extend_from_slice(&(p.name.len() as u32).to_le_bytes());
+    input.extend_from_slice(p.name.as_bytes());
+    for part in &p.key {
+        let v = part.extract_cow(req)?;
+        input.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        input.extend_from_slice(&v);
+    }
+    Some(table::placement(meshpatterns_core::hash::hash64_seeded(&input, table.seed), table.layout))
 }
 
 /// The table a stage uses: its shape and the process's seed.
@@ -87,8 +105,8 @@ pub fn select(s: &Settings, table: &Table, req: &dyn RequestView) -> Selection {
         if !p.matcher.matches(req) {
             continue;
         }
-        if let Some(key) = composite_key(p, req) {
-            return Selection::Policy { index, at: place(table.seed, &p.name, &key, table.layout) };
+        if let Some(at) = place_request(table, p, req) {
+            return Selection::Policy { index, at };
         }
     }
     Selection::Unmatched
@@ -285,20 +303,25 @@ pub const HEADER_IETF: &str = "ratelimit";
 /// `RateLimit-Policy: "<name>";q=<burst>;w=<seconds to fill>` and
 /// `RateLimit: "<name>";r=<remaining>;t=<reset>`.
 pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String)> {
-    let (Some(take), Some(policy)) = (d.take, d.policy.and_then(|i| s.policies.get(i))) else { return Vec::new() };
     let mut h = Vec::new();
+    each_response_header(s, d.take.as_ref(), d.policy, |name, value| h.push((name, value.to_owned())));
+    h
+}
+
+/// [`response_headers`] handed to `emit` one by one, for the policy at
+/// `policy` and its `take`: the `X-RateLimit-*` values are written on the
+/// stack, so the default headers cost no allocation.
+pub fn each_response_header(s: &Settings, take: Option<&Take>, policy: Option<usize>, mut emit: impl FnMut(&'static str, &str)) {
+    let (Some(take), Some(policy)) = (take, policy.and_then(|i| s.policies.get(i))) else { return };
     if s.x_rate_limit_headers {
-        h = vec![
-            (HEADER_LIMIT, decimal(take.limit)),
-            (HEADER_REMAINING, decimal(take.remaining)),
-            (HEADER_RESET, decimal(take.reset_secs)),
-        ];
+        emit(HEADER_LIMIT, &decimal_digits(take.limit));
+        emit(HEADER_REMAINING, &decimal_digits(take.remaining));
+        emit(HEADER_RESET, &decimal_digits(take.reset_secs));
     }
     if s.ietf_headers {
-        h.push((HEADER_IETF_POLICY, format!("\"{}\";q={};w={}", policy.name, take.limit, policy.bucket.window_secs())));
-        h.push((HEADER_IETF, format!("\"{}\";r={};t={}", policy.name, take.remaining, take.reset_secs)));
+        emit(HEADER_IETF_POLICY, &format!("\"{}\";q={};w={}", policy.name, take.limit, policy.bucket.window_secs()));
+        emit(HEADER_IETF, &format!("\"{}\";r={};t={}", policy.name, take.remaining, take.reset_secs));
     }
-    h
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc`, `+proto`, ...).
@@ -446,10 +469,18 @@ mod tests {
         let k1 = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "xy").with("b", "z")).unwrap();
         let k2 = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "x").with("b", "yz")).unwrap();
         assert_ne!(k1, k2);
-        assert_eq!(k1, [key("xy"), key("z")].concat());
+        assert_eq!(*k1, [key("xy"), key("z")].concat());
         // valid UTF-8 keys are the same bytes as before
         let k = composite_key(&s.policies[0], &StaticRequest::new("/").with("a", "café").with("b", "z")).unwrap();
-        assert_eq!(k, [key("café"), key("z")].concat());
+        assert_eq!(*k, [key("café"), key("z")].concat());
+        // placing a request hashes exactly the policy name and that key
+        for layout in [Layout { slots: 16 }, Layout { slots: 65_536 }] {
+            let t = Table { layout, seed: 7 };
+            let req = StaticRequest::new("/").with("a", "xy").with("b", "z");
+            let want = table::place(7, "p", &composite_key(&s.policies[0], &req).unwrap(), layout);
+            assert_eq!(place_request(&t, &s.policies[0], &req), Some(want));
+            assert_eq!(place_request(&t, &s.policies[0], &StaticRequest::new("/").with("a", "xy")), None);
+        }
     }
 
     #[test]
@@ -642,7 +673,7 @@ mod tests {
             full += u32::from(d.table_full);
         }
         assert_eq!(store.data.len(), 4 + 2, "4 sets, the seed, the ready mark");
-        let entries: usize = (0..4).map(|i| decode_set(&store.data[&Layout::key(i)].0).len()).sum();
+        let entries: usize = (0..4).map(|i| decode_set(&store.data[Layout::key(i).as_str()].0).len()).sum();
         assert_eq!(entries, 64);
         assert_eq!(full, 10_000 - 64);
     }

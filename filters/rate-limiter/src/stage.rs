@@ -4,10 +4,11 @@ use meshpatterns_core::ConfigError;
 use meshpatterns_host::abi;
 use meshpatterns_host::{BatchedCounter, Flow, GrpcResponse, LocalReply, Pattern, Request, Response, Stage};
 
+use crate::logic::bucket::Take;
 use crate::logic::table::prepare;
 use crate::logic::{
-    decide_selected, fail_closed_reply, global_call, global_decision, is_grpc, limited_reply, response_headers, rls, select, CallResult,
-    Config, Decision, Layout, Selection, Settings, SlotStore, Table, Verdict,
+    decide_selected, each_response_header, fail_closed_reply, global_call, global_decision, is_grpc, limited_reply, rls, select,
+    CallResult, Config, Decision, Layout, Selection, Settings, SlotStore, Table, Verdict,
 };
 use crate::{METRIC_PREFIX, STATE_DECISION, STATE_POLICY};
 
@@ -127,7 +128,8 @@ impl Pattern for RateLimiter {
 /// policy's call in flight.
 #[derive(Debug, Default)]
 pub struct RateLimitStream {
-    headers: Vec<(&'static str, String)>,
+    /// The bucket's answer and the policy, for the response headers.
+    respond: Option<(Take, usize)>,
     /// Token, policy index, and whether the request is gRPC.
     pending: Option<(u32, usize, bool)>,
 }
@@ -176,7 +178,7 @@ impl RateLimiter {
                 body: r.body,
             });
         }
-        st.headers = response_headers(s, &d);
+        st.respond = d.take.zip(d.policy);
         Flow::Continue
     }
 }
@@ -221,8 +223,8 @@ impl Stage for RateLimiter {
     }
 
     fn on_response(&self, resp: &mut Response, st: &mut Self::Stream) {
-        for (name, value) in st.headers.drain(..) {
-            resp.set_header(name, &value);
+        if let Some((take, policy)) = st.respond.take() {
+            each_response_header(&self.settings, Some(&take), Some(policy), |name, value| resp.set_header(name, value));
         }
     }
 

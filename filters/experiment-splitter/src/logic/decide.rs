@@ -6,6 +6,7 @@
 use meshpatterns_core::cookie;
 use meshpatterns_core::hash;
 use meshpatterns_core::RequestView;
+use std::borrow::Cow;
 
 use super::config::{Condition, Experiment, Settings, Targeting, BUCKETS};
 
@@ -139,9 +140,9 @@ pub enum OverrideStatus {
 
 /// What the stage applies to the request and response.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+pub struct Decision<'s> {
     /// Where the user key came from: a source label, `issued`, or `none`.
-    pub user_source: String,
+    pub user_source: Cow<'s, str>,
     /// One per experiment, in config order.
     pub assignments: Vec<Assignment>,
     /// How many routing headers the client had sent itself (all overwritten).
@@ -155,7 +156,7 @@ pub struct Decision {
     pub expose: Option<String>,
 }
 
-impl Decision {
+impl Decision<'_> {
     /// `(header, value)` pairs to set on the request, one per experiment.
     pub fn routing<'a>(&'a self, s: &'a Settings) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         s.experiments
@@ -208,20 +209,17 @@ pub(crate) fn parse_override(v: &str) -> Vec<(Option<&str>, &str)> {
 /// is called only when an assignment cookie is to be issued; the request is
 /// then assigned by that id exactly as later requests carrying it will be.
 /// User keys are the bytes the client sent (see [`meshpatterns_core::key`]).
-pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String) -> Decision {
+pub fn decide<'s>(s: &'s Settings, req: &dyn RequestView, mint: impl FnOnce() -> String) -> Decision<'s> {
     let mut set_cookies = Vec::new();
-    let (user, user_source): (Option<Vec<u8>>, String) = match s.keys.extract(req) {
-        Some(m) => {
-            let label = s.keys.label(&m).into_owned();
-            (Some(m.value), label)
-        }
+    let (user, user_source): (Option<Cow<'_, [u8]>>, Cow<'s, str>) = match s.keys.extract_cow(req) {
+        Some((source, key)) => (Some(key), s.keys.source_label(source)),
         None => match &s.cookie {
             Some(ck) => {
                 let id = mint();
                 set_cookies.push(ck.set_cookie(&id));
-                (Some(id.into_bytes()), "issued".to_string())
+                (Some(Cow::Owned(id.into_bytes())), Cow::Borrowed("issued"))
             }
-            None => (None, "none".to_string()),
+            None => (None, Cow::Borrowed("none")),
         },
     };
 
@@ -271,18 +269,32 @@ pub fn decide(s: &Settings, req: &dyn RequestView, mint: impl FnOnce() -> String
         assignments.push(a);
     }
 
-    let exposed: Vec<(&str, &str)> = s
-        .experiments
-        .iter()
-        .zip(&assignments)
-        .filter(|(_, a)| a.reason.in_experiment())
-        .filter_map(|(e, a)| e.arms.get(a.arm).map(|arm| (e.name.as_str(), arm.name.as_str())))
-        .collect();
-    let expose = (s.expose_header.is_some() && !exposed.is_empty())
-        .then(|| exposed.iter().map(|(e, a)| [*e, "=", *a].concat()).collect::<Vec<_>>().join(", "));
+    // The experiments the request is in, as (experiment, arm) names.
+    let exposed = || {
+        s.experiments
+            .iter()
+            .zip(&assignments)
+            .filter(|(_, a)| a.reason.in_experiment())
+            .filter_map(|(e, a)| e.arms.get(a.arm).map(|arm| (e.name.as_str(), arm.name.as_str())))
+    };
+    // `exp=arm, exp2=arm` / `exp:arm|exp2:arm`, each built in one string.
+    let joined = |pair: &str, sep: &str| {
+        let mut out = String::new();
+        for (e, a) in exposed() {
+            if !out.is_empty() {
+                out.push_str(sep);
+            }
+            out.push_str(e);
+            out.push_str(pair);
+            out.push_str(a);
+        }
+        out
+    };
+    let in_any = exposed().next().is_some();
+    let expose = (s.expose_header.is_some() && in_any).then(|| joined("=", ", "));
     if let Some(ck) = &s.expose_cookie {
-        if !exposed.is_empty() {
-            let value = exposed.iter().map(|(e, a)| [*e, ":", *a].concat()).collect::<Vec<_>>().join("|");
+        if in_any {
+            let value = joined(":", "|");
             let header = req.header_bytes("cookie");
             let current = header.as_deref().and_then(|h| cookie::find_bytes(h, &ck.name));
             if current != Some(value.as_bytes()) {
@@ -457,7 +469,7 @@ mod tests {
         assert_eq!(r("/checkout", "bot", "DE", "beta=1"), Assignment { arm: 0, reason: Reason::Deny });
         assert_eq!(r("/checkout", "someone", "DE", "beta=1"), Assignment { arm: 0, reason: Reason::Hash });
         let d = decide(&s, &StaticRequest::new("/checkout").with("x-country", "DE").with("cookie", "beta=1"), no_mint);
-        assert_eq!((d.assignments[0], d.user_source.as_str()), (Assignment { arm: 0, reason: Reason::NoKey }, "none"));
+        assert_eq!((d.assignments[0], &*d.user_source), (Assignment { arm: 0, reason: Reason::NoKey }, "none"));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! taking it over changes nobody's budget.
 
 use super::bucket::{BucketParams, BucketState, Take};
-use meshpatterns_core::hash::{bucket as hash_bucket, hash64_seeded};
+use meshpatterns_core::hash::{bucket as hash_bucket, salted_hash64_seeded};
 
 /// Slots per set: one shared-data value holds up to this many buckets.
 pub const WAYS: u32 = 16;
@@ -106,13 +106,16 @@ impl Layout {
         self.slots.saturating_sub(s.saturating_mul(WAYS)).min(WAYS) as usize
     }
     /// Shared-data key of set `s`.
-    pub fn key(s: u32) -> String {
-        let mut k = String::with_capacity(KEY_PREFIX.len() + 8);
+    pub fn key(s: u32) -> SetKey {
+        let mut k = SetKey::new();
         k.push_str(KEY_PREFIX);
-        k.push_str(&meshpatterns_core::text::hex(u64::from(s)));
+        k.push_str(&meshpatterns_core::text::hex_digits(u64::from(s)));
         k
     }
 }
+
+/// A set's shared-data key (`rl2:<set in hex>`), on the stack.
+pub type SetKey = meshpatterns_core::bytes::StackStr<24>;
 
 /// Where a key's bucket lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,11 +127,11 @@ pub struct Placement {
 /// `h = XXH64(le32(len(policy)) || policy || key, seed)`; the set is
 /// `h mod sets` and the fingerprint is `h`.
 pub fn place(seed: u64, policy: &str, key: &[u8], layout: Layout) -> Placement {
-    let mut buf = Vec::with_capacity(4 + policy.len() + key.len());
-    buf.extend_from_slice(&(policy.len() as u32).to_le_bytes());
-    buf.extend_from_slice(policy.as_bytes());
-    buf.extend_from_slice(key);
-    let h = hash64_seeded(&buf, seed);
+    placement(salted_hash64_seeded(policy.as_bytes(), key, seed), layout)
+}
+
+/// The placement of hash `h`: set `h mod sets`, fingerprint `h`.
+pub fn placement(h: u64, layout: Layout) -> Placement {
     Placement { set: hash_bucket(h, u64::from(layout.sets())) as u32, fp: h }
 }
 
