@@ -5,6 +5,8 @@
 //! request. Which values of a capped label are admitted lives in
 //! [`crate::admission`].
 
+use std::borrow::Cow;
+
 use meshpatterns_core::error::ConfigError;
 use meshpatterns_core::{names, RequestView};
 use serde::Deserialize;
@@ -264,10 +266,15 @@ pub fn is_error(code: Option<u64>) -> bool {
 /// letters, digits, `_` and `-` kept, every other byte becomes `_`; cut to
 /// [`MAX_LABEL_VALUE_BYTES`]; empty becomes `none`.
 pub fn sanitize_value(raw: &str) -> String {
+    sanitize_cow(raw).into_owned()
+}
+
+/// [`sanitize_value`], borrowing `raw` when it is already clean (most
+/// values are): no copy, no per-character pushes.
+pub fn sanitize_cow(raw: &str) -> Cow<'_, str> {
     let keep = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
-    // Most values are already clean: one copy, no per-character pushes.
     if !raw.is_empty() && raw.len() <= MAX_LABEL_VALUE_BYTES && raw.bytes().all(keep) {
-        return raw.to_string();
+        return Cow::Borrowed(raw);
     }
     let out: String = raw
         .bytes()
@@ -275,9 +282,9 @@ pub fn sanitize_value(raw: &str) -> String {
         .map(|b| if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' { b as char } else { '_' })
         .collect();
     if out.is_empty() {
-        NONE.into()
+        Cow::Borrowed(NONE)
     } else {
-        out
+        Cow::Owned(out)
     }
 }
 
@@ -355,12 +362,14 @@ impl RequestLabels {
     /// Every label value of the request in [`Settings::labels`] order:
     /// `dimensions` are the `labelBy` properties as read (`None`: absent),
     /// `code` the response code the client got (`None` or 0: no response).
-    pub fn values(&self, dimensions: &[Option<String>], code: Option<u64>) -> Vec<String> {
+    /// Every label value, in the order of [`Settings::labels`], borrowed
+    /// where it can be (a request allocates only the list).
+    pub fn values<'a>(&'a self, dimensions: &'a [Option<String>], code: Option<u64>) -> Vec<Cow<'a, str>> {
         let mut out = Vec::with_capacity(dimensions.len() + 2 + self.headers.len());
-        out.extend(dimensions.iter().map(|d| d.as_deref().map(sanitize_value).unwrap_or_else(|| NONE.into())));
-        out.push(self.method.into());
-        out.push(status_class(code).into());
-        out.extend(self.headers.iter().cloned());
+        out.extend(dimensions.iter().map(|d| d.as_deref().map_or(Cow::Borrowed(NONE), sanitize_cow)));
+        out.push(Cow::Borrowed(self.method));
+        out.push(Cow::Borrowed(status_class(code)));
+        out.extend(self.headers.iter().map(|h| Cow::Borrowed(h.as_str())));
         out
     }
 }
@@ -480,7 +489,8 @@ mod tests {
         assert_eq!(l, RequestLabels { method: "GET", headers: vec!["Acme_Corp_eu".into(), "none".into()] });
         let raw = StaticRequest::new("/a").with_bytes("x-tenant", b"\xff\xfeacme");
         assert_eq!(RequestLabels::of(&s, &raw).headers[0], "______acme", "U+FFFD is 3 bytes, each one _");
-        let values = l.values(&[Some("outbound|80||app".into()), None], Some(429));
+        let dims = [Some("outbound|80||app".into()), None];
+        let values = l.values(&dims, Some(429));
         assert_eq!(values, ["outbound_80__app", "none", "GET", "4xx", "Acme_Corp_eu", "none"]);
         let names: Vec<String> = s.labels().into_iter().map(|l| l.name).collect();
         assert_eq!(names, ["cluster", "route", "method", "status_class", "tenant", "x_plan"]);
