@@ -307,7 +307,8 @@ pub fn get_header_pairs(map: Map) -> Result<Vec<u8>, Status> {
 }
 
 /// Replace every value of header `name` with `value` (adds it when absent).
-pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+pub fn replace_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<(), Status> {
+    let name = name.as_ref();
     // SAFETY: borrowed slices valid for the call.
     status(unsafe { ffi::proxy_replace_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
@@ -319,7 +320,8 @@ pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
 }
 
 /// Remove every value of header `name`.
-pub fn remove_header(map: Map, name: &str) -> Result<(), Status> {
+pub fn remove_header(map: Map, name: impl AsRef<[u8]>) -> Result<(), Status> {
+    let name = name.as_ref();
     // SAFETY: borrowed slice valid for the call.
     match unsafe { ffi::proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) } {
         OK | NOT_FOUND => Ok(()),

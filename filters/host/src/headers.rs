@@ -100,14 +100,9 @@ impl HeaderMap {
     /// Names of another length are passed over without reading their bytes:
     /// most lookups are of a header the request does not have, or has once.
     fn position(&self, name: &[u8], from: usize) -> Option<usize> {
-        let mut i = from;
-        while let Some((k, _)) = self.entries.get(i) {
-            if k.len() == name.len() && self.buf.get(k.clone()) == Some(name) {
-                return Some(i);
-            }
-            i += 1;
-        }
-        None
+        let found =
+            self.entries.get(from..)?.iter().position(|(k, _)| k.end - k.start == name.len() && self.buf.get(k.clone()) == Some(name));
+        found.map(|p| p + from)
     }
 
     fn value_at(&self, i: usize) -> &[u8] {
@@ -145,15 +140,38 @@ pub fn property_i64(bytes: &[u8]) -> Option<i64> {
     Some(i64::from_le_bytes(arr))
 }
 
-/// A `:status` header value as a number (surrounding whitespace ignored).
+/// A `:status` header value as a number: ASCII digits (an optional `+`
+/// first, as `str::parse` takes), surrounding ASCII whitespace ignored;
+/// `None` for anything else or past `u32::MAX`. Read byte by byte: this
+/// runs on every response of the modules that count statuses.
 pub fn status_code(bytes: &[u8]) -> Option<u32> {
-    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+    let digits = bytes.trim_ascii();
+    let digits = digits.strip_prefix(b"+").unwrap_or(digits);
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: u32 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u32::from(b - b'0'))?;
+    }
+    Some(n)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
+
+    #[test]
+    fn status_codes_read_as_str_parse_reads_them() {
+        for t in ["200", " 503 ", "+200", "0", "007", "4294967295", "4294967296", "", "+", "-1", "2 00", "20x", "\t404\n", "++1"] {
+            assert_eq!(status_code(t.as_bytes()), t.trim().parse::<u32>().ok(), "{t:?}");
+        }
+        assert_eq!(status_code(b"\xff200"), None);
+    }
 
     #[test]
     fn parses_and_survives_damage() {

@@ -230,14 +230,12 @@ impl<'a> Request<'a> {
     /// depends on a header we wrote, so a future ABI keeps routing right.
     pub fn apply(self) {
         for (name, value) in self.writes.iter() {
-            // Names were recorded from `&str`: always UTF-8.
-            let n = std::str::from_utf8(name).unwrap_or_default();
             let r = match value {
-                Some(v) => abi::replace_header(Map::RequestHeaders, n, v),
-                None => abi::remove_header(Map::RequestHeaders, n),
+                Some(v) => abi::replace_header(Map::RequestHeaders, name, v),
+                None => abi::remove_header(Map::RequestHeaders, name),
             };
             if let Err(s) = r {
-                log::warn!("cannot change request header {n}: status {s}");
+                log::warn!("cannot change request header {}: status {s}", String::from_utf8_lossy(name));
             }
         }
         if self.clear_route {
@@ -266,8 +264,10 @@ impl Drop for Request<'_> {
 
 impl RequestView for Request<'_> {
     fn header_bytes(&self, name: &str) -> Option<Cow<'_, [u8]>> {
-        if let Some((_, value)) = self.writes.iter().rev().find(|(n, _)| *n == name.as_bytes()) {
-            return value.map(Cow::Borrowed);
+        if !self.writes.ops.is_empty() {
+            if let Some((_, value)) = self.writes.iter().rev().find(|(n, _)| *n == name.as_bytes()) {
+                return value.map(Cow::Borrowed);
+            }
         }
         self.headers.get(name)
     }

@@ -279,7 +279,7 @@ pub fn decide<'s>(s: &'s Settings, req: &dyn RequestView, mint: impl FnOnce() ->
     };
     // `exp=arm, exp2=arm` / `exp:arm|exp2:arm`, each built in one string.
     let joined = |pair: &str, sep: &str| {
-        let mut out = String::new();
+        let mut out = String::with_capacity(64);
         for (e, a) in exposed() {
             if !out.is_empty() {
                 out.push_str(sep);
