@@ -11,35 +11,58 @@ use std::ops::Range;
 pub struct HeaderMap {
     buf: Vec<u8>,
     entries: Vec<Entry>,
+    /// Bit `len % 64` set for every name length present: most lookups are
+    /// of a header the request does not have, and end here.
+    lengths: u64,
+}
+
+/// The bit of [`HeaderMap::lengths`] for a name of `len` bytes.
+fn length_bit(len: usize) -> u64 {
+    1u64 << (len % 64)
 }
 
 /// Where one header's name and value are in the buffer.
-type Entry = (Range<usize>, Range<usize>);
+pub type Entry = (Range<usize>, Range<usize>);
 
 impl HeaderMap {
     /// Parse a serialized map. A truncated or inconsistent buffer yields the
     /// headers read before the damage (never a panic).
     pub fn parse(buf: Vec<u8>) -> HeaderMap {
-        let u32_at = |i: usize| buf.get(i..i + 4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(|a| u32::from_le_bytes(a) as usize);
-        let mut entries = SPARE_ENTRIES.with(|e| e.take()).unwrap_or_default();
-        if let Some(n) = u32_at(0) {
-            // Each header needs at least 10 bytes: never trust a huge count.
-            let n = n.min(buf.len() / 10);
-            entries.reserve_exact(n);
-            let mut at = 4usize.saturating_add(8usize.saturating_mul(n));
-            for i in 0..n {
-                let (Some(k), Some(v)) = (u32_at(4 + 8 * i), u32_at(8 + 8 * i)) else { break };
-                let key = at..at.saturating_add(k);
-                let val_start = key.end.saturating_add(1);
-                let val = val_start..val_start.saturating_add(v);
-                if buf.get(key.clone()).is_none() || buf.get(val.clone()).is_none() {
-                    break;
-                }
-                at = val.end.saturating_add(1);
-                entries.push((key, val));
+        HeaderMap::parse_into(buf, Vec::new())
+    }
+
+    /// The same, reusing `entries` (emptied) for the index: see
+    /// [`HeaderMap::into_entries`].
+    pub fn parse_into(buf: Vec<u8>, mut entries: Vec<Entry>) -> HeaderMap {
+        entries.clear();
+        let mut lengths = 0;
+        let count = buf.get(..4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, |a| u32::from_le_bytes(a) as usize);
+        // Each header needs at least 10 bytes: never trust a huge count.
+        let n = count.min(buf.len() / 10);
+        let sizes = buf.get(4..4 + 8 * n).unwrap_or_default();
+        entries.reserve_exact(n);
+        let mut at = 4 + 8 * n;
+        for size in sizes.chunks_exact(8) {
+            let (k, v) = match <[u8; 8]>::try_from(size) {
+                Ok([a, b, c, d, e, f, g, h]) => (u32::from_le_bytes([a, b, c, d]) as usize, u32::from_le_bytes([e, f, g, h]) as usize),
+                Err(_) => break,
+            };
+            // Name, NUL, value, NUL: both inside the buffer or the map ends here.
+            let key_end = at.saturating_add(k);
+            let val_end = key_end.saturating_add(1).saturating_add(v);
+            if val_end > buf.len() {
+                break;
             }
+            lengths |= length_bit(k);
+            entries.push((at..key_end, key_end + 1..val_end));
+            at = val_end.saturating_add(1);
         }
-        HeaderMap { buf, entries }
+        HeaderMap { buf, entries, lengths }
+    }
+
+    /// The index's vector, for the next [`HeaderMap::parse_into`].
+    pub fn into_entries(self) -> Vec<Entry> {
+        self.entries
     }
 
     /// A map from name/value pairs (tests and tools).
@@ -100,6 +123,9 @@ impl HeaderMap {
     /// Names of another length are passed over without reading their bytes:
     /// most lookups are of a header the request does not have, or has once.
     fn position(&self, name: &[u8], from: usize) -> Option<usize> {
+        if self.lengths & length_bit(name.len()) == 0 {
+            return None;
+        }
         let found =
             self.entries.get(from..)?.iter().position(|(k, _)| k.end - k.start == name.len() && self.buf.get(k.clone()) == Some(name));
         found.map(|p| p + from)
@@ -107,23 +133,6 @@ impl HeaderMap {
 
     fn value_at(&self, i: usize) -> &[u8] {
         self.entries.get(i).and_then(|(_, v)| self.buf.get(v.clone())).unwrap_or_default()
-    }
-}
-
-thread_local! {
-    /// The entry vector of the last map dropped, emptied, for the next one:
-    /// a request then allocates nothing for its header index.
-    static SPARE_ENTRIES: std::cell::Cell<Option<Vec<Entry>>> = const { std::cell::Cell::new(None) };
-}
-
-impl Drop for HeaderMap {
-    fn drop(&mut self) {
-        let mut e = std::mem::take(&mut self.entries);
-        // A map with unusually many headers does not keep its index.
-        if e.capacity() <= 128 {
-            e.clear();
-            SPARE_ENTRIES.with(|s| s.set(Some(e)));
-        }
     }
 }
 
@@ -145,6 +154,10 @@ pub fn property_i64(bytes: &[u8]) -> Option<i64> {
 /// `None` for anything else or past `u32::MAX`. Read byte by byte: this
 /// runs on every response of the modules that count statuses.
 pub fn status_code(bytes: &[u8]) -> Option<u32> {
+    // What Envoy sends: three digits.
+    if let [a @ b'0'..=b'9', b @ b'0'..=b'9', c @ b'0'..=b'9'] = *bytes {
+        return Some(u32::from(a - b'0') * 100 + u32::from(b - b'0') * 10 + u32::from(c - b'0'));
+    }
     let digits = bytes.trim_ascii();
     let digits = digits.strip_prefix(b"+").unwrap_or(digits);
     if digits.is_empty() {
@@ -167,7 +180,27 @@ mod tests {
 
     #[test]
     fn status_codes_read_as_str_parse_reads_them() {
-        for t in ["200", " 503 ", "+200", "0", "007", "4294967295", "4294967296", "", "+", "-1", "2 00", "20x", "\t404\n", "++1"] {
+        for t in [
+            "200",
+            "999",
+            "000",
+            "099",
+            "20",
+            "2000",
+            " 503 ",
+            "+200",
+            "0",
+            "007",
+            "4294967295",
+            "4294967296",
+            "",
+            "+",
+            "-1",
+            "2 00",
+            "20x",
+            "\t404\n",
+            "++1",
+        ] {
             assert_eq!(status_code(t.as_bytes()), t.trim().parse::<u32>().ok(), "{t:?}");
         }
         assert_eq!(status_code(b"\xff200"), None);
@@ -189,5 +222,21 @@ mod tests {
             assert!(m.len() <= 2);
         }
         assert_eq!(HeaderMap::parse(full[..full.len() - 2].to_vec()).len(), 1);
+    }
+
+    #[test]
+    fn lookups_by_length_find_every_name() {
+        // Lengths 6 and 70 share a bit of the length mask (70 % 64 == 6).
+        let long = "x".repeat(70);
+        let m = HeaderMap::from_pairs(&[("x-user", b"u"), (long.as_str(), b"l"), (":path", b"/")]);
+        assert_eq!(m.get("x-user").unwrap().as_ref(), b"u");
+        assert_eq!(m.get(&long).unwrap().as_ref(), b"l");
+        assert_eq!(m.get(":path").unwrap().as_ref(), b"/");
+        for absent in ["x-usr", "y-user", "x-user-id", &"y".repeat(70), &"x".repeat(134), ""] {
+            assert!(m.get(absent).is_none(), "{absent}");
+        }
+        let reused = HeaderMap::parse_into(HeaderMap::from_pairs(&[("a", b"1")]).buf.clone(), m.into_entries());
+        assert_eq!((reused.len(), reused.get("a").unwrap().as_ref()), (1, &b"1"[..]));
+        assert!(reused.get("x-user").is_none());
     }
 }

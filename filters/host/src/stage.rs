@@ -95,23 +95,58 @@ impl Writes {
     }
 }
 
-thread_local! {
-    /// The buffers of the last finished request's [`Writes`], for the next.
-    static SPARE_WRITES: std::cell::Cell<Option<Writes>> = const { std::cell::Cell::new(None) };
+impl Writes {
+    /// Emptied, for the next request; `None` when it grew unusually large
+    /// (a request that wrote that much does not keep its buffers).
+    fn recycle(mut self) -> Option<Writes> {
+        (self.bytes.capacity() <= 4096 && self.ops.capacity() <= 64).then(|| {
+            self.ops.clear();
+            self.bytes.clear();
+            self
+        })
+    }
+}
+
+/// Buffers a finished request leaves for the next one on the same VM (its
+/// header changes and its header index), so that after the first requests
+/// reading and changing headers allocates nothing of ours.
+#[derive(Debug, Default)]
+pub struct Spare {
+    writes: Option<Writes>,
+    entries: Option<Vec<crate::headers::Entry>>,
+}
+
+impl Spare {
+    /// The request headers of the current stream, read with one hostcall
+    /// into the spare index.
+    pub(crate) fn request_headers(&mut self) -> HeaderMap {
+        let buf = abi::get_header_pairs(Map::RequestHeaders).unwrap_or_default();
+        HeaderMap::parse_into(buf, self.entries.take().unwrap_or_default())
+    }
+
+    /// Keep a map's index (unless it grew unusually large).
+    pub(crate) fn keep_entries(&mut self, headers: HeaderMap) {
+        let e = headers.into_entries();
+        if e.capacity() <= 128 {
+            self.entries = Some(e);
+        }
+    }
 }
 
 /// The request as the stages see it, and what they change.
 pub struct Request<'a> {
     headers: &'a HeaderMap,
     writes: Writes,
-    state: Vec<(&'static str, String)>,
+    /// Filter state to set (`None` until the first: see `calls`).
+    state: Option<Vec<(&'static str, String)>>,
     record_state: bool,
     clear_route: bool,
     context_id: u32,
     source: OnceCell<Option<String>>,
     now: OnceCell<u64>,
-    /// gRPC calls dispatched for this stream.
-    calls: Vec<u32>,
+    /// gRPC calls dispatched for this stream (`None` until the first: an
+    /// empty vector still costs a call to drop).
+    calls: Option<Vec<u32>>,
     /// Whether the module exports the gRPC callbacks (else no call is made:
     /// its answer could never arrive).
     pub(crate) grpc: bool,
@@ -119,16 +154,21 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     pub fn new(headers: &'a HeaderMap, context_id: u32) -> Request<'a> {
+        Request::reusing(headers, context_id, &mut Spare::default())
+    }
+
+    /// The same, with the change buffers a finished request left in `spare`.
+    pub fn reusing(headers: &'a HeaderMap, context_id: u32, spare: &mut Spare) -> Request<'a> {
         Request {
             headers,
-            writes: SPARE_WRITES.with(|w| w.take()).unwrap_or_default(),
-            state: Vec::new(),
+            writes: spare.writes.take().unwrap_or_default(),
+            state: None,
             record_state: true,
             clear_route: false,
             context_id,
             source: OnceCell::new(),
             now: OnceCell::new(),
-            calls: Vec::new(),
+            calls: None,
             grpc: false,
         }
     }
@@ -150,13 +190,13 @@ impl<'a> Request<'a> {
             return Err(abi::UNSUPPORTED);
         }
         let token = abi::dispatch_grpc_call(upstream, service, method, message, timeout_ms)?;
-        self.calls.push(token);
+        self.calls.get_or_insert_with(Vec::new).push(token);
         Ok(token)
     }
 
     /// The gRPC calls dispatched so far (taken).
-    pub(crate) fn take_calls(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.calls)
+    pub(crate) fn take_calls(&mut self) -> Option<Vec<u32>> {
+        self.calls.take()
     }
 
     /// The stream's context id (unique per VM; used to mint ids if the CSPRNG fails).
@@ -189,7 +229,7 @@ impl<'a> Request<'a> {
     /// stage's `filterState` is false).
     pub fn record(&mut self, key: &'static str, value: impl Into<String>) {
         if self.record_state {
-            self.state.push((key, value.into()));
+            self.state.get_or_insert_with(Vec::new).push((key, value.into()));
         }
     }
 
@@ -228,7 +268,7 @@ impl<'a> Request<'a> {
     /// legacy behaviour Envoy 1.33's changelog ends for higher ABI versions),
     /// so the call is not needed today; it is made anyway wherever the route
     /// depends on a header we wrote, so a future ABI keeps routing right.
-    pub fn apply(self) {
+    pub fn apply(self, spare: &mut Spare) {
         for (name, value) in self.writes.iter() {
             let r = match value {
                 Some(v) => abi::replace_header(Map::RequestHeaders, name, v),
@@ -241,24 +281,12 @@ impl<'a> Request<'a> {
         if self.clear_route {
             let _ = abi::call_foreign_function("clear_route_cache");
         }
-        for (k, v) in &self.state {
+        for (k, v) in self.state.iter().flatten() {
             if let Err(s) = abi::set_property(&[k], v.as_bytes()) {
                 log::warn!("cannot set filter state {k}: status {s}");
             }
         }
-    }
-}
-
-impl Drop for Request<'_> {
-    /// The change buffers go back to the spare, emptied, for the next request.
-    fn drop(&mut self) {
-        let mut w = std::mem::take(&mut self.writes);
-        // A request that wrote unusually much does not keep its buffers.
-        if w.bytes.capacity() <= 4096 && w.ops.capacity() <= 64 {
-            w.ops.clear();
-            w.bytes.clear();
-            SPARE_WRITES.with(|s| s.set(Some(w)));
-        }
+        spare.writes = self.writes.recycle();
     }
 }
 
@@ -282,7 +310,7 @@ pub struct Response {
     pub end_of_stream: bool,
     paused: bool,
     reply: Option<LocalReply>,
-    calls: Vec<u32>,
+    calls: Option<Vec<u32>>,
 }
 
 /// What the stages asked for in the response callback.
@@ -290,12 +318,12 @@ pub(crate) struct ResponseOutcome {
     pub paused: bool,
     pub reply: Option<LocalReply>,
     /// Tokens of the HTTP calls dispatched (their answers belong to this stream).
-    pub calls: Vec<u32>,
+    pub calls: Option<Vec<u32>>,
 }
 
 impl Response {
     pub fn new(end_of_stream: bool) -> Response {
-        Response { status: OnceCell::new(), end_of_stream, paused: false, reply: None, calls: Vec::new() }
+        Response { status: OnceCell::new(), end_of_stream, paused: false, reply: None, calls: None }
     }
 
     /// Hold the response (until a stage's HTTP call is answered).
@@ -321,7 +349,7 @@ impl Response {
         timeout_ms: u32,
     ) -> Result<u32, abi::Status> {
         let token = abi::dispatch_http_call(cluster, headers, body, timeout_ms)?;
-        self.calls.push(token);
+        self.calls.get_or_insert_with(Vec::new).push(token);
         Ok(token)
     }
 

@@ -13,9 +13,9 @@ use std::rc::Rc;
 use meshpatterns_core::ConfigError;
 
 use crate::abi;
-use crate::headers::HeaderMap;
+use crate::slots::Slots;
 use crate::stage::{
-    Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Stage, StreamState,
+    Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Spare, Stage, StreamState,
 };
 
 /// How many emptied per-stream vectors a VM keeps for new streams.
@@ -62,7 +62,7 @@ pub struct Vm<S: Stage> {
     module: &'static str,
     parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>,
     roots: IdMap<Rc<Pipeline<S>>>,
-    streams: IdMap<Stream<S>>,
+    streams: Slots<Stream<S>>,
     /// HTTP calls in flight: token -> the stream that dispatched it.
     calls: IdMap<u32>,
     /// gRPC calls in flight: token (unique in the VM) -> the stream.
@@ -70,6 +70,8 @@ pub struct Vm<S: Stage> {
     /// Emptied per-stage state vectors of ended streams, for new streams
     /// (at most [`SPARE_STREAMS`]): a stream then allocates nothing for them.
     spare: Vec<Vec<Option<S::Stream>>>,
+    /// The last request's header index and change buffers, for the next.
+    spare_request: Spare,
     /// Whether the module exports `proxy_on_grpc_receive`/`_close` (and
     /// the request body callback that keeps a held request's body back).
     grpc: bool,
@@ -81,10 +83,11 @@ impl<S: Stage> Vm<S> {
             module,
             parse,
             roots: IdMap::default(),
-            streams: IdMap::default(),
+            streams: Slots::default(),
             calls: IdMap::default(),
             grpc_calls: IdMap::default(),
             spare: Vec::new(),
+            spare_request: Spare::default(),
             grpc: false,
         }
     }
@@ -146,18 +149,20 @@ impl<S: Stage> Vm<S> {
         f: impl FnOnce(&Pipeline<S>, &mut Request<'_>, &mut StreamState<S>) -> RequestOutcome,
     ) -> Option<RequestOutcome> {
         let mut guard = vm.borrow_mut();
-        let grpc = guard.grpc;
-        let stream = guard.streams.get_mut(&id)?;
-        let headers = HeaderMap::parse(abi::get_header_pairs(abi::Map::RequestHeaders).unwrap_or_default());
-        let mut req = Request::new(&headers, id);
-        req.grpc = grpc;
+        let Vm { streams, grpc_calls, spare_request, grpc, .. } = &mut *guard;
+        let stream = streams.get_mut(id)?;
+        let headers = spare_request.request_headers();
+        let mut req = Request::reusing(&headers, id, spare_request);
+        req.grpc = *grpc;
         let outcome = f(&stream.root, &mut req, &mut stream.state);
         stream.held = matches!(outcome, RequestOutcome::Pause);
-        let calls = req.take_calls();
-        req.apply();
-        for t in calls {
-            guard.grpc_calls.insert(t, id);
+        if let Some(calls) = req.take_calls() {
+            for t in calls {
+                grpc_calls.insert(t, id);
+            }
         }
+        req.apply(spare_request);
+        spare_request.keep_entries(headers);
         Some(outcome)
     }
 
@@ -181,7 +186,7 @@ impl<S: Stage> Vm<S> {
     /// answered with Continue would resume the held headers).
     pub fn request_body(vm: &RefCell<Vm<S>>, id: u32) -> u32 {
         let guard = vm.borrow();
-        match guard.streams.get(&id) {
+        match guard.streams.get(id) {
             Some(s) if s.held => PAUSE, // StopIterationAndBuffer
             _ => CONTINUE,
         }
@@ -201,7 +206,7 @@ impl<S: Stage> Vm<S> {
         let stream_id = {
             let mut guard = vm.borrow_mut();
             let Some(stream_id) = guard.grpc_calls.remove(&token) else { return };
-            if !guard.streams.contains_key(&stream_id) {
+            if !guard.streams.contains_key(stream_id) {
                 return;
             }
             if let Err(s) = abi::set_effective_context(stream_id) {
@@ -238,11 +243,11 @@ impl<S: Stage> Vm<S> {
     pub fn response_headers(vm: &RefCell<Vm<S>>, id: u32, end_of_stream: bool) -> u32 {
         let outcome = {
             let mut guard = vm.borrow_mut();
-            let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
+            let Some(stream) = guard.streams.get_mut(id) else { return CONTINUE };
             let mut resp = Response::new(end_of_stream);
             stream.root.on_response(&mut resp, &mut stream.state);
             let outcome = resp.outcome();
-            for t in &outcome.calls {
+            for t in outcome.calls.iter().flatten() {
                 guard.calls.insert(*t, id);
             }
             outcome
@@ -263,7 +268,7 @@ impl<S: Stage> Vm<S> {
         let outcome = {
             let mut guard = vm.borrow_mut();
             let stream_id = guard.calls.remove(&token).unwrap_or(id);
-            let Some(stream) = guard.streams.get_mut(&stream_id) else { return };
+            let Some(stream) = guard.streams.get_mut(stream_id) else { return };
             if stream_id != id {
                 let _ = abi::set_effective_context(stream_id);
             }
@@ -283,7 +288,7 @@ impl<S: Stage> Vm<S> {
     /// `proxy_on_response_body`.
     pub fn response_body(vm: &RefCell<Vm<S>>, id: u32, size: usize, end_of_stream: bool) -> u32 {
         let mut guard = vm.borrow_mut();
-        let Some(stream) = guard.streams.get_mut(&id) else { return CONTINUE };
+        let Some(stream) = guard.streams.get_mut(id) else { return CONTINUE };
         match stream.root.on_response_body(&mut Body { size, end_of_stream }, &mut stream.state) {
             BodyFlow::Buffer => PAUSE,
             BodyFlow::Continue => CONTINUE,
@@ -302,7 +307,7 @@ impl<S: Stage> Vm<S> {
     /// `proxy_on_delete`: a stream ended, or a root was replaced.
     pub fn delete(vm: &RefCell<Vm<S>>, id: u32) {
         let mut vm = vm.borrow_mut();
-        if let Some(mut stream) = vm.streams.remove(&id) {
+        if let Some(mut stream) = vm.streams.remove(id) {
             // The end of the stream for the stages (metrics count it here
             // rather than in `proxy_on_log`, which would be one more entry).
             stream.root.on_end(&mut stream.state);
