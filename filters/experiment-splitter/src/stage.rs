@@ -61,9 +61,12 @@ pub struct ExperimentSplitter {
     metrics: Metrics,
 }
 
-/// What the response side needs from the request side.
+/// What the response side needs from the request side (`None` until the
+/// request is decided: an empty stream then costs nothing to drop).
 #[derive(Default)]
-pub struct Stream {
+pub struct Stream(Option<Kept>);
+
+struct Kept {
     /// Each experiment's assignment (in config order), for the 5xx
     /// counters of the hash-assigned arms.
     assignments: Vec<Assignment>,
@@ -95,7 +98,7 @@ impl Stage for ExperimentSplitter {
         for (header, value) in d.routing(s) {
             req.set_header(header, value);
         }
-        for h in &d.strip {
+        for h in d.strip.into_iter().flatten() {
             req.remove_header(h);
         }
         // The route depends on the arm header (Envoy `cluster_header`, or a
@@ -129,13 +132,12 @@ impl Stage for ExperimentSplitter {
         if d.client_headers_replaced > 0 {
             m.client_header_replaced.inc();
         }
-        st.set_cookies = d.set_cookies;
-        st.assignments = d.assignments;
-        st.expose = d.expose;
+        st.0 = Some(Kept { assignments: d.assignments, set_cookies: d.set_cookies, expose: d.expose });
         Flow::Continue
     }
 
     fn on_response(&self, resp: &mut Response, st: &mut Stream) {
+        let Some(st) = &mut st.0 else { return };
         // Only hash-assigned requests are counted, so the status is read only for them.
         let hashed = || st.assignments.iter().enumerate().filter(|(_, a)| a.reason == Reason::Hash);
         if hashed().next().is_some() && resp.status().is_some_and(|s| (500..600).contains(&s)) {

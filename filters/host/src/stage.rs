@@ -625,21 +625,21 @@ impl<S: Stage> Pipeline<S> {
                 continue;
             }
             req.record_state = s.filter_state;
-            let mut stream = S::Stream::default();
+            // Built in its slot, not moved there.
+            st.stages.push(Some(S::Stream::default()));
+            let Some(Some(stream)) = st.stages.last_mut() else { continue };
             if reply.is_some() {
-                s.stage.after_local_reply(req, &mut stream);
+                s.stage.after_local_reply(req, stream);
             } else {
-                match s.stage.on_request(req, &mut stream) {
+                match s.stage.on_request(req, stream) {
                     Flow::Continue => {}
                     Flow::Reply(r) => reply = Some(r),
                     Flow::Pause => {
-                        st.stages.push(Some(stream));
                         st.paused = Some(i);
                         return RequestOutcome::Pause;
                     }
                 }
             }
-            st.stages.push(Some(stream));
         }
         match reply {
             Some(r) => RequestOutcome::Reply(r),

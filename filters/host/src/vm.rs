@@ -61,7 +61,10 @@ type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 pub struct Vm<S: Stage> {
     module: &'static str,
     parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>,
-    roots: IdMap<Rc<Pipeline<S>>>,
+    /// Root contexts (one per plugin config sharing this VM; usually one, or
+    /// two during a reload): a list, searched newest first, costs less per
+    /// stream than a map.
+    roots: Vec<(u32, Rc<Pipeline<S>>)>,
     streams: Slots<Stream<S>>,
     /// HTTP calls in flight: token -> the stream that dispatched it.
     calls: IdMap<u32>,
@@ -82,7 +85,7 @@ impl<S: Stage> Vm<S> {
         Vm {
             module,
             parse,
-            roots: IdMap::default(),
+            roots: Vec::new(),
             streams: Slots::default(),
             calls: IdMap::default(),
             grpc_calls: IdMap::default(),
@@ -104,10 +107,14 @@ impl<S: Stage> Vm<S> {
         if parent == 0 {
             return;
         }
-        if let Some(root) = vm.roots.get(&parent).cloned() {
+        if let Some(root) = vm.root(parent).cloned() {
             let state = StreamState { stages: vm.spare.pop().unwrap_or_default(), paused: None };
             vm.streams.insert(id, Stream { root, state, held: false });
         }
+    }
+
+    fn root(&self, id: u32) -> Option<&Rc<Pipeline<S>>> {
+        self.roots.iter().rev().find(|(r, _)| *r == id).map(|(_, p)| p)
     }
 
     /// `proxy_on_configure`: parse the plugin config; false makes Envoy reject it.
@@ -122,7 +129,8 @@ impl<S: Stage> Vm<S> {
         let mut vm = vm.borrow_mut();
         match (vm.parse)(&bytes) {
             Ok(p) => {
-                vm.roots.insert(root, Rc::new(p));
+                vm.roots.retain(|(id, _)| *id != root);
+                vm.roots.push((root, Rc::new(p)));
                 // The tick period belongs to the root context being
                 // configured: every root (a config reload makes a new one)
                 // sets its own, or its batched counters would never flush.
@@ -298,7 +306,7 @@ impl<S: Stage> Vm<S> {
     /// `proxy_on_tick` (every root of this VM ticks; flush once per tick).
     pub fn tick(vm: &RefCell<Vm<S>>, root: u32) {
         let guard = vm.borrow();
-        if let Some(p) = guard.roots.get(&root) {
+        if let Some(p) = guard.root(root) {
             p.on_tick();
         }
         crate::flush_module_counters();
@@ -330,7 +338,8 @@ impl<S: Stage> Vm<S> {
                 });
             }
         } else {
-            if let Some(p) = vm.roots.remove(&id) {
+            if let Some(i) = vm.roots.iter().position(|(r, _)| *r == id) {
+                let (_, p) = vm.roots.swap_remove(i);
                 // Counts not yet flushed would be lost with the old config.
                 p.on_tick();
             }

@@ -148,8 +148,8 @@ pub struct Decision<'s> {
     /// How many routing headers the client had sent itself (all overwritten).
     pub client_headers_replaced: u32,
     pub override_status: OverrideStatus,
-    /// Remove these request headers (override and secret, when sent).
-    pub strip: Vec<String>,
+    /// Remove these request headers (secret, then override, when sent).
+    pub strip: [Option<&'s str>; 2],
     /// `Set-Cookie` values for the response.
     pub set_cookies: Vec<String>,
     /// Response header value listing the exposed arms (`exp=arm, exp2=arm`).
@@ -223,21 +223,22 @@ pub fn decide<'s>(s: &'s Settings, req: &dyn RequestView, mint: impl FnOnce() ->
         },
     };
 
-    let mut strip = Vec::new();
+    let mut strip = [None, None];
     let mut override_status = OverrideStatus::Absent;
-    let mut forced: Vec<(Option<String>, String)> = Vec::new();
+    // Vectors only when an override is sent: even an empty one costs a call to drop.
+    let mut forced: Option<Vec<(Option<String>, String)>> = None;
     if let Some(o) = &s.qa_override {
         let value = req.header(&o.header);
         let secret = req.header_bytes(&o.secret_header);
         if secret.is_some() {
-            strip.push(o.secret_header.clone());
+            strip[0] = Some(o.secret_header.as_str());
         }
         if let Some(v) = value {
-            strip.push(o.header.clone());
+            strip[1] = Some(o.header.as_str());
             let ok = secret.is_some_and(|sec| constant_time_eq(sec.trim_ascii(), &o.secret));
             if ok {
                 override_status = OverrideStatus::Accepted;
-                forced = parse_override(&v).into_iter().map(|(e, a)| (e.map(str::to_string), a.to_string())).collect();
+                forced = Some(parse_override(&v).into_iter().map(|(e, a)| (e.map(str::to_string), a.to_string())).collect());
             } else {
                 override_status = OverrideStatus::Rejected;
             }
@@ -251,7 +252,7 @@ pub fn decide<'s>(s: &'s Settings, req: &dyn RequestView, mint: impl FnOnce() ->
             client_headers_replaced += 1;
         }
         let forced_arm =
-            forced.iter().filter(|(name, _)| name.as_deref().is_none_or(|n| n == e.name)).find_map(|(_, arm)| e.arm_named(arm));
+            forced.iter().flatten().filter(|(name, _)| name.as_deref().is_none_or(|n| n == e.name)).find_map(|(_, arm)| e.arm_named(arm));
         let a = if let Some(arm) = forced_arm {
             Assignment { arm, reason: Reason::Override }
         } else if !e.targeting.matches(req) {
@@ -491,7 +492,7 @@ mod tests {
         assert_eq!(d.override_status, OverrideStatus::Accepted);
         assert_eq!(d.assignments[0], Assignment { arm: 1, reason: Reason::Override });
         assert_eq!(d.assignments[1].reason, Reason::Hash);
-        assert_eq!(d.strip, vec!["x-experiment-secret".to_string(), "x-experiment-override".to_string()]);
+        assert_eq!(d.strip, [Some("x-experiment-secret"), Some("x-experiment-override")]);
         // A bare arm name applies to every experiment with such an arm.
         let d = req("treatment", "0123456789abcdef-qa");
         assert_eq!(d.assignments.iter().map(|a| (a.arm, a.reason)).collect::<Vec<_>>(), vec![(1, Reason::Override), (1, Reason::Override)]);
@@ -500,7 +501,7 @@ mod tests {
             let d = req("checkout-v2=treatment", bad);
             assert_eq!(d.override_status, OverrideStatus::Rejected, "{bad:?}");
             assert_eq!(d.assignments[0], Assignment { arm: 0, reason: Reason::Hash });
-            assert!(d.strip.contains(&"x-experiment-override".to_string()));
+            assert_eq!(d.strip[1], Some("x-experiment-override"));
         }
         assert_eq!(decide(&s, &user("alice"), no_mint).override_status, OverrideStatus::Absent);
     }
