@@ -11,6 +11,7 @@
 
 pub mod abi;
 pub mod headers;
+pub mod pools;
 pub mod slots;
 pub mod stage;
 pub mod vm;
