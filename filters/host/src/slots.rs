@@ -16,11 +16,15 @@ pub struct Slots<V> {
 
 impl<V> Default for Slots<V> {
     fn default() -> Self {
-        Slots { slots: Vec::new(), len: 0 }
+        Slots::new()
     }
 }
 
 impl<V> Slots<V> {
+    pub const fn new() -> Slots<V> {
+        Slots { slots: Vec::new(), len: 0 }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -117,6 +117,10 @@ pub struct Spare {
 }
 
 impl Spare {
+    pub const fn new() -> Spare {
+        Spare { writes: None, entries: None }
+    }
+
     /// The request headers of the current stream, read with one hostcall
     /// into the spare index.
     pub(crate) fn request_headers(&mut self) -> HeaderMap {

@@ -81,24 +81,19 @@ pub struct Vm<S: Stage> {
 }
 
 impl<S: Stage> Vm<S> {
-    pub fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>) -> Vm<S> {
+    /// `grpc`: whether the module exports the gRPC callbacks.
+    pub const fn new(module: &'static str, parse: fn(&[u8]) -> Result<Pipeline<S>, ConfigError>, grpc: bool) -> Vm<S> {
         Vm {
             module,
             parse,
             roots: Vec::new(),
-            streams: Slots::default(),
-            calls: IdMap::default(),
-            grpc_calls: IdMap::default(),
+            streams: Slots::new(),
+            calls: IdMap::with_hasher(BuildHasherDefault::new()),
+            grpc_calls: IdMap::with_hasher(BuildHasherDefault::new()),
             spare: Vec::new(),
-            spare_request: Spare::default(),
-            grpc: false,
+            spare_request: Spare::new(),
+            grpc,
         }
-    }
-
-    /// The same, for a module that exports the gRPC callbacks.
-    pub fn with_grpc(mut self, grpc: bool) -> Vm<S> {
-        self.grpc = grpc;
-        self
     }
 
     /// `proxy_on_context_create`: a root (parent 0) or a stream of root `parent`.
@@ -357,6 +352,27 @@ impl<S: Stage> Vm<S> {
     }
 }
 
+/// A module's VM state as a `static` (see [`export_module!`]): one
+/// `RefCell` reached without the lazy-initialisation check and the call a
+/// thread local costs on every entry into the VM.
+pub struct VmCell<S: Stage>(RefCell<Vm<S>>);
+
+// SAFETY: wasm32 without the atomics feature has no threads: the VM's one
+// thread is the only one that can reach the static.
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+unsafe impl<S: Stage> Sync for VmCell<S> {}
+
+impl<S: Stage> VmCell<S> {
+    pub const fn new(vm: Vm<S>) -> VmCell<S> {
+        VmCell(RefCell::new(vm))
+    }
+
+    /// Run `f` on the state (the same call as a thread local's `with`).
+    pub fn with<R>(&self, f: impl FnOnce(&RefCell<Vm<S>>) -> R) -> R {
+        f(&self.0)
+    }
+}
+
 fn send(r: &LocalReply) {
     send_with_body(r, r.body.as_bytes());
 }
@@ -381,9 +397,15 @@ fn send_with_body(r: &LocalReply, body: &[u8]) {
 #[macro_export]
 macro_rules! export_module {
     ($name:expr, $stage:ty, $parse:expr $(, $extra:ident)* $(,)?) => {
+        // A plain static where there are no threads (the module), a thread
+        // local elsewhere (native builds of the crate, which never call it).
+        #[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+        static __MESHPATTERNS_VM: $crate::vm::VmCell<$stage> =
+            $crate::vm::VmCell::new($crate::vm::Vm::new($name, $parse, $crate::export_module!(@has_grpc $($extra)*)));
+        #[cfg(not(all(target_family = "wasm", not(target_feature = "atomics"))))]
         thread_local! {
-            static __MESHPATTERNS_VM: ::std::cell::RefCell<$crate::vm::Vm<$stage>> =
-                ::std::cell::RefCell::new($crate::vm::Vm::new($name, $parse).with_grpc($crate::export_module!(@has_grpc $($extra)*)));
+            static __MESHPATTERNS_VM: $crate::vm::VmCell<$stage> =
+                $crate::vm::VmCell::new($crate::vm::Vm::new($name, $parse, $crate::export_module!(@has_grpc $($extra)*)));
         }
 
         #[cfg(target_os = "wasi")]

@@ -66,7 +66,7 @@ pub type CompositeKey = meshpatterns_core::bytes::StackBytes<128>;
 /// `place(seed, name, composite_key(p, req))`, with the hash's input put
 /// together once, on the stack. `None` when a key part is absent.
 pub fn place_request(table: &Table, p: &Policy, req: &dyn RequestView) -> Option<Placement> {
-    let mut input = meshpatterns_core::bytes::StackBytes::<256>::new();
+    let mut input = meshpatterns_core::bytes::StackBytes::<64>::new();
     input.extend_from_slice(&(p.name.len() as u32).to_le_bytes());
     input.extend_from_slice(p.name.as_bytes());
     for part in &p.key {
