@@ -375,7 +375,7 @@ pub fn decide_experiment_splitter(data: &[u8]) {
     if let Some(x) = &d.expose {
         assert!(legal_header_value(x.as_bytes()), "{x:?}");
     }
-    for h in &d.strip {
+    for h in d.strip.iter().flatten() {
         let known = s.qa_override.as_ref().is_some_and(|o| *h == o.header || *h == o.secret_header);
         assert!(known, "strips a header it does not own: {h}");
     }

@@ -291,11 +291,11 @@ pub fn decide<'s>(s: &'s Settings, req: &dyn RequestView, mint: impl FnOnce() ->
         }
         out
     };
-    let in_any = exposed().next().is_some();
-    let expose = (s.expose_header.is_some() && in_any).then(|| joined("=", ", "));
+    // Empty: the request is in no experiment.
+    let expose = s.expose_header.as_ref().map(|_| joined("=", ", ")).filter(|v| !v.is_empty());
     if let Some(ck) = &s.expose_cookie {
-        if in_any {
-            let value = joined(":", "|");
+        let value = joined(":", "|");
+        if !value.is_empty() {
             let header = req.header_bytes("cookie");
             let current = header.as_deref().and_then(|h| cookie::find_bytes(h, &ck.name));
             if current != Some(value.as_bytes()) {
