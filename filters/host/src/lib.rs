@@ -181,3 +181,14 @@ pub fn property_string(path: &[&str]) -> Option<String> {
 pub fn property_i64(path: &[&str]) -> Option<i64> {
     headers::property_i64(&abi::get_property(path).ok().flatten()?)
 }
+
+/// A xorshift generator for the randomised unit tests: `rand(n)` is in `0..n`.
+#[cfg(test)]
+pub(crate) fn test_rand(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}

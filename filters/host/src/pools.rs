@@ -159,13 +159,7 @@ mod tests {
     #[test]
     fn blocks_keep_their_bytes_and_are_reused() {
         let pools = Pools::new();
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = crate::test_rand(0x9E37_79B9_7F4A_7C15u64);
         let mut live: Vec<(*mut u8, Layout, u8)> = Vec::new();
         let check = |p: *mut u8, l: Layout, fill: u8| {
             // SAFETY: p is live with l.size() bytes.

@@ -123,13 +123,7 @@ mod tests {
     /// few long-lived ones (as Envoy assigns them), and ids that collide.
     #[test]
     fn behaves_as_a_map() {
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = crate::test_rand(0x2545_F491_4F6C_DD1Du64);
         for spread in [1u32, 16, 1 << 20] {
             let (mut s, mut m) = (Slots::default(), HashMap::new());
             let (mut next, mut peak) = (1u32, 0);
