@@ -35,7 +35,7 @@ pub fn salted_hash64(salt: &[u8], key: &[u8]) -> u64 {
 
 /// [`salted_hash64`] with an explicit seed: XXH64 over
 /// `le32(len(salt)) || salt || key`. The input is put together on the stack
-/// (a key that long is rare: past 256 bytes it goes to the heap).
+/// (past 64 bytes of salt and key together it goes to the heap).
 pub fn salted_hash64_seeded(salt: &[u8], key: &[u8], seed: u64) -> u64 {
     let mut buf = crate::bytes::StackBytes::<64>::new();
     buf.extend_from_slice(&(salt.len() as u32).to_le_bytes());

@@ -22,7 +22,7 @@ fn length_bit(len: usize) -> u64 {
 }
 
 /// Where one header's name and value are in the buffer.
-pub type Entry = (Range<usize>, Range<usize>);
+pub(crate) type Entry = (Range<usize>, Range<usize>);
 
 impl HeaderMap {
     /// Parse a serialized map. A truncated or inconsistent buffer yields the
@@ -33,7 +33,7 @@ impl HeaderMap {
 
     /// The same, reusing `entries` (emptied) for the index: see
     /// [`HeaderMap::into_entries`].
-    pub fn parse_into(buf: Vec<u8>, mut entries: Vec<Entry>) -> HeaderMap {
+    pub(crate) fn parse_into(buf: Vec<u8>, mut entries: Vec<Entry>) -> HeaderMap {
         entries.clear();
         let mut lengths = 0;
         let count = buf.get(..4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, |a| u32::from_le_bytes(a) as usize);
@@ -61,7 +61,7 @@ impl HeaderMap {
     }
 
     /// The index's vector, for the next [`HeaderMap::parse_into`].
-    pub fn into_entries(self) -> Vec<Entry> {
+    pub(crate) fn into_entries(self) -> Vec<Entry> {
         self.entries
     }
 

@@ -93,9 +93,7 @@ impl Writes {
             (name, op.value.as_ref().map(|v| self.bytes.get(v.clone()).unwrap_or_default()))
         })
     }
-}
 
-impl Writes {
     /// Emptied, for the next request; `None` when it grew unusually large
     /// (a request that wrote that much does not keep its buffers).
     fn recycle(mut self) -> Option<Writes> {
