@@ -30,5 +30,17 @@ pub mod scope;
 pub mod sort;
 pub mod text;
 
+/// A xorshift64 generator for the randomised unit tests of every crate
+/// (never for a decision: placement uses [`hash`]).
+#[doc(hidden)]
+pub fn test_rand(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 pub use error::ConfigError;
 pub use key::{KeyMatch, KeySource, KeySpec, RequestView};

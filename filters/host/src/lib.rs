@@ -184,11 +184,7 @@ pub fn property_i64(path: &[&str]) -> Option<i64> {
 
 /// A xorshift generator for the randomised unit tests: `rand(n)` is in `0..n`.
 #[cfg(test)]
-pub(crate) fn test_rand(mut seed: u64) -> impl FnMut(u64) -> u64 {
-    move |n| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    }
+pub(crate) fn test_rand(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut next = meshpatterns_core::test_rand(seed);
+    move |n| next() % n
 }

@@ -389,17 +389,10 @@ mod tests {
                 let _ = decode_response(&m);
             }
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = meshpatterns_core::test_rand(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
-            let len = (x % 48) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let len = (rand() % 48) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rand() as u8).collect();
             let _ = decode_response(&bytes);
         }
         // a length pointing past the end, an 11-byte varint, wire type 7

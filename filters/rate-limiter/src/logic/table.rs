@@ -63,31 +63,49 @@ pub struct Entry {
     pub full_at: u64,
 }
 
+/// An entry's 32 bytes in a set (`.as_flattened()`), as four words.
+fn encode_entry(e: &Entry) -> [[u8; 8]; 4] {
+    [e.fp.to_le_bytes(), e.state.tokens.to_le_bytes(), e.state.last_ns.to_le_bytes(), e.full_at.to_le_bytes()]
+}
+
+/// The little-endian u64 at `i` of an entry's bytes (0 past the end, which
+/// the callers' `chunks_exact` rules out).
+fn u64_at(c: &[u8], i: usize) -> u64 {
+    c.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+/// The entries of a set known to be valid, each its 32 bytes.
+fn slots(set: &mut [u8]) -> std::slice::ChunksExactMut<'_, u8> {
+    set.get_mut(1..).unwrap_or_default().chunks_exact_mut(ENTRY_LEN)
+}
+
+fn decode_entry(c: &[u8]) -> Entry {
+    Entry { fp: u64_at(c, 0), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, 24) }
+}
+
 /// Encode a set: the version byte, then each entry.
 pub fn encode_set(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + ENTRY_LEN * entries.len());
     out.push(SET_VERSION);
     for e in entries {
-        out.extend_from_slice(&e.fp.to_le_bytes());
-        out.extend_from_slice(&e.state.tokens.to_le_bytes());
-        out.extend_from_slice(&e.state.last_ns.to_le_bytes());
-        out.extend_from_slice(&e.full_at.to_le_bytes());
+        out.extend_from_slice(encode_entry(e).as_flattened());
     }
     out
 }
 
-/// Decode a set. A value of another version or length (an older module's
-/// slot, damage) reads as an empty set: it exists, so it can still be
-/// claimed with compare-and-swap.
-pub fn decode_set(bytes: &[u8]) -> Vec<Entry> {
-    let Some((&SET_VERSION, rest)) = bytes.split_first() else { return Vec::new() };
-    if rest.len() % ENTRY_LEN != 0 {
-        return Vec::new();
+/// A set's entries as bytes, or `None` for a value of another version or
+/// length (an older module's slot, damage), which reads as an empty set: it
+/// exists, so it can still be claimed with compare-and-swap.
+fn set_entries(bytes: &[u8]) -> Option<&[u8]> {
+    match bytes.split_first() {
+        Some((&SET_VERSION, rest)) if rest.len() % ENTRY_LEN == 0 => Some(rest),
+        _ => None,
     }
-    let u64_at = |c: &[u8], i: usize| c.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0);
-    rest.chunks_exact(ENTRY_LEN)
-        .map(|c| Entry { fp: u64_at(c, 0), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, 24) })
-        .collect()
+}
+
+/// Decode a set ([`set_entries`]: anything else reads as an empty set).
+pub fn decode_set(bytes: &[u8]) -> Vec<Entry> {
+    set_entries(bytes).map(|rest| rest.chunks_exact(ENTRY_LEN).map(decode_entry).collect()).unwrap_or_default()
 }
 
 /// The table's shape: `slots` slots in sets of [`WAYS`] (the last set holds
@@ -190,8 +208,8 @@ pub enum WhenFull {
 /// The decision within one set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetOutcome {
-    /// The bucket answered; `write` is the new set to store (`None`: nothing changed).
-    Taken { take: Take, write: Option<Vec<Entry>>, table_full: bool },
+    /// The bucket answered; `write`: the set changed and is to be stored.
+    Taken { take: Take, write: bool, table_full: bool },
     /// The set was full and the policy is [`WhenFull::Allow`].
     AllowedFull,
 }
@@ -205,52 +223,52 @@ pub fn full_at(params: &BucketParams, s: &BucketState) -> u64 {
     s.last_ns.saturating_add(params.ns_for(missing))
 }
 
-/// Find `fp`'s bucket in the set, or claim a slot for it, and take one request.
-pub fn decide_in_set(
-    mut entries: Vec<Entry>,
-    capacity: usize,
-    fp: u64,
-    params: &BucketParams,
-    now_ns: u64,
-    when_full: WhenFull,
-) -> SetOutcome {
-    let entry = |take: &Take| Entry { fp, state: take.state, full_at: full_at(params, &take.state) };
-    if let Some(e) = entries.iter_mut().find(|e| e.fp == fp) {
+/// Find `fp`'s bucket in the set, or claim a slot for it, and take one
+/// request. The set is updated where it lies, in its encoded bytes (what
+/// [`encode_set`] writes; a value [`decode_set`] reads as empty is made an
+/// empty set first), so only the entry that changes is touched.
+pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &BucketParams, now_ns: u64, when_full: WhenFull) -> SetOutcome {
+    if set_entries(set).is_none() {
+        set.clear();
+        set.push(SET_VERSION);
+    }
+    let entry = |take: &Take| encode_entry(&Entry { fp, state: take.state, full_at: full_at(params, &take.state) });
+    if let Some(c) = slots(set).find(|c| u64_at(c, 0) == fp) {
+        let e = decode_entry(c);
         let take = params.take(Some(e.state), now_ns);
         if !take.allowed {
-            return SetOutcome::Taken { take, write: None, table_full: false };
+            return SetOutcome::Taken { take, write: false, table_full: false };
         }
-        *e = entry(&take);
-        return SetOutcome::Taken { take, write: Some(entries), table_full: false };
+        c.copy_from_slice(entry(&take).as_flattened());
+        return SetOutcome::Taken { take, write: true, table_full: false };
     }
     let fresh = params.take(None, now_ns);
     // A free slot: a bucket that is full again (reused first, so values
     // stay short), else one never used.
-    if let Some(e) = entries.iter_mut().find(|e| e.full_at <= now_ns) {
-        *e = entry(&fresh);
-        return SetOutcome::Taken { take: fresh, write: Some(entries), table_full: false };
+    if let Some(c) = slots(set).find(|c| u64_at(c, 24) <= now_ns) {
+        c.copy_from_slice(entry(&fresh).as_flattened());
+        return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
-    if entries.len() < capacity {
-        entries.push(entry(&fresh));
-        return SetOutcome::Taken { take: fresh, write: Some(entries), table_full: false };
+    if set.len().saturating_sub(1) / ENTRY_LEN < capacity {
+        set.extend_from_slice(entry(&fresh).as_flattened());
+        return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
     match when_full {
         WhenFull::Evict => {
             // The bucket that would be full soonest loses the least.
-            let victim = entries.iter_mut().min_by_key(|e| e.full_at);
-            match victim {
-                Some(v) => *v = entry(&fresh),
+            match slots(set).min_by_key(|c| u64_at(c, 24)) {
+                Some(v) => v.copy_from_slice(entry(&fresh).as_flattened()),
                 // capacity 0 cannot happen (slots >= 1); answer without a bucket
                 None => return SetOutcome::AllowedFull,
             }
-            SetOutcome::Taken { take: fresh, write: Some(entries), table_full: true }
+            SetOutcome::Taken { take: fresh, write: true, table_full: true }
         }
         WhenFull::Limit => {
             // Retry when the first bucket of the set is full (a slot frees).
-            let soonest = entries.iter().map(|e| e.full_at).min().unwrap_or(now_ns);
+            let soonest = slots(set).map(|c| u64_at(c, 24)).min().unwrap_or(now_ns);
             let secs = soonest.saturating_sub(now_ns).div_ceil(1_000_000_000).max(1);
             let take = Take { allowed: false, remaining: 0, reset_secs: secs, retry_after_secs: secs, ..fresh };
-            SetOutcome::Taken { take, write: None, table_full: true }
+            SetOutcome::Taken { take, write: false, table_full: true }
         }
         WhenFull::Allow => SetOutcome::AllowedFull,
     }
@@ -282,18 +300,18 @@ pub fn take_shared(
     let capacity = layout.capacity(at.set);
     let mut conflicts = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = match store.get(&key) {
+        let (mut bytes, cas) = match store.get(&key) {
             Ok(Some(v)) => v,
             // Never created here: a create cannot be atomic.
             Ok(None) => return Shared::FailOpen { reason: format!("shared-data key {key} does not exist"), conflicts, table_full: false },
             Err(reason) => return Shared::FailOpen { reason, conflicts, table_full: false },
         };
-        match decide_in_set(decode_set(&bytes), capacity, at.fp, params, now_ns, when_full) {
+        match decide_in_set(&mut bytes, capacity, at.fp, params, now_ns, when_full) {
             SetOutcome::AllowedFull => {
                 return Shared::FailOpen { reason: format!("set {key} is full (tableFull: allow)"), conflicts, table_full: true }
             }
-            SetOutcome::Taken { take, write: None, table_full } => return Shared::Taken { take, conflicts, table_full },
-            SetOutcome::Taken { take, write: Some(entries), table_full } => match store.set(&key, &encode_set(&entries), cas) {
+            SetOutcome::Taken { take, write: false, table_full } => return Shared::Taken { take, conflicts, table_full },
+            SetOutcome::Taken { take, write: true, table_full } => match store.set(&key, &bytes, cas) {
                 Ok(true) => return Shared::Taken { take, conflicts, table_full },
                 Ok(false) => conflicts += 1,
                 Err(reason) => return Shared::FailOpen { reason, conflicts, table_full: false },
@@ -489,14 +507,80 @@ mod tests {
     #[test]
     fn evicts_the_bucket_full_soonest() {
         let e = |fp, full_at| Entry { fp, state: BucketState { tokens: 0, last_ns: 0 }, full_at };
-        let set = vec![e(1, 50 * SEC), e(2, 20 * SEC), e(3, 90 * SEC)];
+        let mut set = encode_set(&[e(1, 50 * SEC), e(2, 20 * SEC), e(3, 90 * SEC)]);
         let p = params(1, DAY);
-        let SetOutcome::Taken { take, write: Some(w), table_full: true } = decide_in_set(set, 3, 9, &p, 10 * SEC, WhenFull::Evict) else {
+        let SetOutcome::Taken { take, write: true, table_full: true } = decide_in_set(&mut set, 3, 9, &p, 10 * SEC, WhenFull::Evict) else {
             panic!()
         };
         assert!(take.allowed);
+        let w = decode_set(&set);
         assert_eq!(w.iter().map(|e| e.fp).collect::<Vec<_>>(), [1, 9, 3]);
         assert_eq!(w[1].full_at, 10 * SEC + DAY);
+    }
+
+    /// The in-place update against the same rules on decoded entries,
+    /// over random sets (damaged values included), keys and times.
+    #[test]
+    fn in_place_update_matches_the_rules_on_entries() {
+        fn model(mut es: Vec<Entry>, cap: usize, fp: u64, p: &BucketParams, now: u64, wf: WhenFull) -> (Option<Take>, Vec<Entry>) {
+            let entry = |t: &Take| Entry { fp, state: t.state, full_at: full_at(p, &t.state) };
+            if let Some(e) = es.iter_mut().find(|e| e.fp == fp) {
+                let t = p.take(Some(e.state), now);
+                if t.allowed {
+                    *e = entry(&t);
+                }
+                return (Some(t), es);
+            }
+            let t = p.take(None, now);
+            if let Some(e) = es.iter_mut().find(|e| e.full_at <= now) {
+                *e = entry(&t);
+            } else if es.len() < cap {
+                es.push(entry(&t));
+            } else {
+                match wf {
+                    WhenFull::Evict => *es.iter_mut().min_by_key(|e| e.full_at).unwrap() = entry(&t),
+                    WhenFull::Limit => return (None, es),
+                    WhenFull::Allow => return (None, es),
+                }
+            }
+            (Some(t), es)
+        }
+        let mut rand = meshpatterns_core::test_rand(0x5e7);
+        for round in 0..20_000 {
+            let p = params(1 + rand() % 3, SEC * (1 + rand() % 5));
+            let cap = 1 + (rand() % 16) as usize;
+            let n = (rand() as usize) % (cap + 1);
+            let entries: Vec<Entry> = (0..n)
+                .map(|_| {
+                    let t = p.take(None, rand() % (20 * SEC));
+                    let fp = rand() % 8;
+                    Entry { fp, state: t.state, full_at: full_at(&p, &t.state) }
+                })
+                .collect();
+            let mut bytes = encode_set(&entries);
+            if round % 50 == 0 {
+                bytes.truncate(bytes.len() - 1); // damaged: reads as empty
+            }
+            let fp = rand() % 10;
+            let now = rand() % (30 * SEC);
+            let wf = [WhenFull::Evict, WhenFull::Limit, WhenFull::Allow][(rand() % 3) as usize];
+            let (want_take, want) = model(decode_set(&bytes), cap, fp, &p, now, wf);
+            let before = decode_set(&bytes);
+            let got = decide_in_set(&mut bytes, cap, fp, &p, now, wf);
+            match got {
+                SetOutcome::Taken { take, write, .. } => {
+                    if take.allowed {
+                        assert_eq!(Some(take), want_take, "round {round}");
+                    } else {
+                        assert!(want_take.is_none_or(|t| !t.allowed), "round {round}");
+                    }
+                    assert_eq!(write, take.allowed, "round {round}");
+                    assert_eq!(decode_set(&bytes), if write { want } else { before }, "round {round}");
+                }
+                SetOutcome::AllowedFull => assert!(want_take.is_none() && wf == WhenFull::Allow, "round {round}"),
+            }
+            assert_eq!(encode_set(&decode_set(&bytes)), bytes, "round {round}: the bytes stay a valid set");
+        }
     }
 
     #[test]
