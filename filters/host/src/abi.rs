@@ -314,7 +314,8 @@ pub fn replace_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<
 }
 
 /// Add a value to header `name`, keeping existing ones.
-pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+pub fn add_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<(), Status> {
+    let name = name.as_ref();
     // SAFETY: borrowed slices valid for the call.
     status(unsafe { ffi::proxy_add_header_map_value(map as u32, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }

@@ -16,6 +16,7 @@ pub mod table;
 
 use std::net::IpAddr;
 
+use meshpatterns_core::bytes::StackBytes;
 use meshpatterns_core::key::client_address;
 use meshpatterns_core::text::decimal_digits;
 use meshpatterns_core::RequestView;
@@ -51,29 +52,32 @@ impl Match {
 /// so the key is bounded.
 pub fn composite_key(policy: &Policy, req: &dyn RequestView) -> Option<CompositeKey> {
     let mut out = CompositeKey::new();
+    push_key(policy, req, &mut out)?;
+    Some(out)
+}
+
+/// Append `policy`'s [`composite_key`] for `req` to `out`; `None` when a
+/// part is absent.
+fn push_key<const N: usize>(policy: &Policy, req: &dyn RequestView, out: &mut StackBytes<N>) -> Option<()> {
     for part in &policy.key {
         let v = part.extract_cow(req)?;
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
         out.extend_from_slice(&v);
     }
-    Some(out)
+    Some(())
 }
 
 /// A policy's key for one request, on the stack unless unusually long.
-pub type CompositeKey = meshpatterns_core::bytes::StackBytes<128>;
+pub type CompositeKey = StackBytes<128>;
 
 /// Where the request's bucket for policy `p` lives: exactly
 /// `place(seed, name, composite_key(p, req))`, with the hash's input put
 /// together once, on the stack. `None` when a key part is absent.
 pub fn place_request(table: &Table, p: &Policy, req: &dyn RequestView) -> Option<Placement> {
-    let mut input = meshpatterns_core::bytes::StackBytes::<64>::new();
+    let mut input = StackBytes::<64>::new();
     input.extend_from_slice(&(p.name.len() as u32).to_le_bytes());
     input.extend_from_slice(p.name.as_bytes());
-    for part in &p.key {
-        let v = part.extract_cow(req)?;
-        input.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        input.extend_from_slice(&v);
-    }
+    push_key(p, req, &mut input)?;
     Some(table::placement(meshpatterns_core::hash::hash64_seeded(&input, table.seed), table.layout))
 }
 
@@ -304,15 +308,17 @@ pub const HEADER_IETF: &str = "ratelimit";
 /// `RateLimit: "<name>";r=<remaining>;t=<reset>`.
 pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String)> {
     let mut h = Vec::new();
-    each_response_header(s, d.take.as_ref(), d.policy, |name, value| h.push((name, value.to_owned())));
+    if let (Some(take), Some(policy)) = (&d.take, d.policy) {
+        each_response_header(s, take, policy, |name, value| h.push((name, value.to_owned())));
+    }
     h
 }
 
 /// [`response_headers`] handed to `emit` one by one, for the policy at
 /// `policy` and its `take`: the `X-RateLimit-*` values are written on the
 /// stack, so the default headers cost no allocation.
-pub fn each_response_header(s: &Settings, take: Option<&Take>, policy: Option<usize>, mut emit: impl FnMut(&'static str, &str)) {
-    let (Some(take), Some(policy)) = (take, policy.and_then(|i| s.policies.get(i))) else { return };
+pub fn each_response_header(s: &Settings, take: &Take, policy: usize, mut emit: impl FnMut(&'static str, &str)) {
+    let Some(policy) = s.policies.get(policy) else { return };
     if s.x_rate_limit_headers {
         emit(HEADER_LIMIT, &decimal_digits(take.limit));
         emit(HEADER_REMAINING, &decimal_digits(take.remaining));

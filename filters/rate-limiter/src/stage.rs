@@ -224,7 +224,7 @@ impl Stage for RateLimiter {
 
     fn on_response(&self, resp: &mut Response, st: &mut Self::Stream) {
         if let Some((take, policy)) = st.respond.take() {
-            each_response_header(&self.settings, Some(&take), Some(policy), |name, value| resp.set_header(name, value));
+            each_response_header(&self.settings, &take, policy, |name, value| resp.set_header(name, value));
         }
     }
 
