@@ -57,7 +57,15 @@ pub struct LabelSlot {
     values: Vec<String>,
     /// The shared list was seen full (it never shrinks): misses are `other`.
     full: bool,
+    /// The raw value ([`recall`](LabelSlot::recall)) last resolved, and its
+    /// index. One: a few entries cost more than they save where most values
+    /// miss (a header label of user ids over its cap: +1,050 wasm
+    /// instructions per request with four, `make profile`).
+    last: Option<(Vec<u8>, u16)>,
 }
+
+/// Raw values longer than this are not kept by [`LabelSlot::keep`].
+pub const MAX_RECALL_BYTES: usize = 256;
 
 /// What [`LabelSlot::consult`] decided after reading the shared list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +124,30 @@ impl LabelSlot {
             index,
             values,
             full: false,
+            last: None,
         }
+    }
+
+    /// The index of `raw` (property or header bytes as read) when it is the
+    /// raw value this slot resolved last. A label's values mostly repeat (one
+    /// route, one cluster, one method), and a raw value always sanitises to
+    /// the same label value, whose index never changes once given, so a hit
+    /// skips decoding, sanitising and the lookup.
+    pub fn recall(&self, raw: &[u8]) -> Option<u16> {
+        self.last.as_ref().filter(|(r, _)| r.as_slice() == raw).map(|(_, ix)| *ix)
+    }
+
+    /// Remember that `raw` resolved to `ix`, for [`recall`](LabelSlot::recall).
+    /// Not `other`: a value may be `other` for a moment (a failed hostcall)
+    /// and admitted later. Not raw values past [`MAX_RECALL_BYTES`].
+    pub fn keep(&mut self, raw: &[u8], ix: u16) {
+        if ix == OTHER_IX || raw.len() > MAX_RECALL_BYTES {
+            return;
+        }
+        let (r, i) = self.last.get_or_insert_with(|| (Vec::new(), ix));
+        r.clear();
+        r.extend_from_slice(raw);
+        *i = ix;
     }
 
     /// Whether values of this label go through the shared list.
@@ -273,6 +304,24 @@ mod tests {
         assert_eq!(s.local("d"), Some(OTHER_IX));
         assert_eq!(s.local("b"), Some(3));
         assert_eq!(s.value(999), "other");
+    }
+
+    #[test]
+    fn recall_answers_only_the_last_raw_value_kept() {
+        let mut s = LabelSlot::new(&spec("route", 4), "p");
+        assert_eq!(s.recall(b""), None, "nothing kept yet");
+        s.keep(b"outbound|80||app", 2);
+        assert_eq!(s.recall(b"outbound|80||app"), Some(2));
+        assert_eq!(s.recall(b"outbound|80||ap"), None);
+        assert_eq!(s.recall(b"outbound|80||app2"), None);
+        s.keep(b"r2", 3);
+        assert_eq!((s.recall(b"r2"), s.recall(b"outbound|80||app")), (Some(3), None), "one value: the last");
+        // `other` may be transient, and long raw values are not kept
+        s.keep(b"x", OTHER_IX);
+        s.keep(&[b'a'; MAX_RECALL_BYTES + 1], 3);
+        assert_eq!((s.recall(b"x"), s.recall(&[b'a'; MAX_RECALL_BYTES + 1]), s.recall(b"r2")), (None, None, Some(3)));
+        s.keep(&[b'a'; MAX_RECALL_BYTES], 3);
+        assert_eq!(s.recall(&[b'a'; MAX_RECALL_BYTES]), Some(3));
     }
 
     #[test]

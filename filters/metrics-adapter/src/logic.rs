@@ -366,12 +366,22 @@ impl RequestLabels {
     /// where it can be (a request allocates only the list).
     pub fn values<'a>(&'a self, dimensions: &'a [Option<String>], code: Option<u64>) -> Vec<Cow<'a, str>> {
         let mut out = Vec::with_capacity(dimensions.len() + 2 + self.headers.len());
-        out.extend(dimensions.iter().map(|d| d.as_deref().map_or(Cow::Borrowed(NONE), sanitize_cow)));
-        out.push(Cow::Borrowed(self.method));
-        out.push(Cow::Borrowed(status_class(code)));
-        out.extend(self.headers.iter().map(|h| Cow::Borrowed(h.as_str())));
+        out.extend(dimensions.iter().map(|d| dimension_value(d.as_deref().map(str::as_bytes))));
+        out.extend(self.after_dimensions(code).map(Cow::Borrowed));
         out
     }
+
+    /// The values after the dimensions' ([`values`](Self::values) less its
+    /// first `dimensions.len()`): method, status class, header labels.
+    pub fn after_dimensions(&self, code: Option<u64>) -> impl Iterator<Item = &str> {
+        [self.method, status_class(code)].into_iter().chain(self.headers.iter().map(String::as_str))
+    }
+}
+
+/// A `labelBy` dimension's label value from its property as read: sanitised,
+/// `none` when absent or not UTF-8.
+pub fn dimension_value(raw: Option<&[u8]>) -> Cow<'_, str> {
+    raw.and_then(|r| std::str::from_utf8(r).ok()).map_or(Cow::Borrowed(NONE), sanitize_cow)
 }
 
 /// The request's duration in whole milliseconds, as the histogram records
@@ -496,6 +506,9 @@ mod tests {
         assert_eq!(names, ["cluster", "route", "method", "status_class", "tenant", "x_plan"]);
         // No response at all (a reset): status_class none.
         assert_eq!(RequestLabels::default().values(&[], None), ["none", "none"]);
+        // a dimension absent, empty or not UTF-8 is `none`
+        assert_eq!([dimension_value(None), dimension_value(Some(b"")), dimension_value(Some(b"r\xff"))], ["none"; 3]);
+        assert_eq!(l.after_dimensions(Some(200)).collect::<Vec<_>>(), ["GET", "2xx", "Acme_Corp_eu", "none"]);
         assert_eq!(elapsed_ms(1_000_000_000, 1_002_999_999), Some(2));
         assert_eq!((elapsed_ms(0, 5), elapsed_ms(5, 0), elapsed_ms(9_000_000, 1)), (None, None, Some(0)));
     }

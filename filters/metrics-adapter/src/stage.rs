@@ -16,6 +16,7 @@
 //! cluster have no other source than their properties.
 
 use ahash::AHashMap as HashMap;
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use log::warn;
@@ -107,6 +108,17 @@ fn create_list(key: &str) {
             warn!("metrics-adapter: cannot create the shared list {key}: status {s}");
         }
     }
+}
+
+/// The index of the label value `value()` makes of `raw`: the last one
+/// again when `raw` is ([`LabelSlot::recall`]), else [`intern`].
+fn resolve<'a>(slot: &mut LabelSlot, raw: &[u8], value: impl FnOnce() -> Cow<'a, str>) -> u16 {
+    if let Some(ix) = slot.recall(raw) {
+        return ix;
+    }
+    let ix = intern(slot, &value());
+    slot.keep(raw, ix);
+    ix
 }
 
 /// The index to report for `value` of `slot`: the admission protocol over
@@ -227,13 +239,18 @@ impl Stage for MetricsAdapter {
     fn on_end(&self, st: &mut MetricsStream) {
         let code = st.status.map(u64::from);
         let duration_ms = logic::elapsed_ms(st.start_ns, abi::now_nanos());
-        let dimensions: Vec<Option<String>> =
-            self.settings.dimensions.iter().map(|d| meshpatterns_host::property_string(&d.property())).collect();
-        let values = st.labels.values(&dimensions, code);
         let Ok(mut red) = self.red.try_borrow_mut() else { return };
+        let red = &mut *red;
+        // Every label in `RequestLabels::values` order: the dimensions from
+        // their properties as read, then the rest.
         let mut key: LabelKey = [NONE_IX; admission::MAX_LABELS];
-        for ((slot, k), v) in red.slots.iter_mut().zip(key.iter_mut()).zip(&values) {
-            *k = intern(slot, v);
+        let mut slots = red.slots.iter_mut().zip(key.iter_mut());
+        for (d, (slot, k)) in self.settings.dimensions.iter().zip(&mut slots) {
+            let raw = abi::get_property(&d.property()).ok().flatten();
+            *k = resolve(slot, raw.as_deref().unwrap_or_default(), || logic::dimension_value(raw.as_deref()));
+        }
+        for ((slot, k), v) in slots.zip(st.labels.after_dimensions(code)) {
+            *k = resolve(slot, v.as_bytes(), || v.into());
         }
         red.record(key, logic::is_error(code), duration_ms);
     }
