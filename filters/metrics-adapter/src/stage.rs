@@ -247,6 +247,7 @@ impl Stage for MetricsAdapter {
         let mut slots = red.slots.iter_mut().zip(key.iter_mut());
         for (d, (slot, k)) in self.settings.dimensions.iter().zip(&mut slots) {
             let raw = abi::get_property(&d.property()).ok().flatten();
+            // Absent is recalled as empty: both are `none`.
             *k = resolve(slot, raw.as_deref().unwrap_or_default(), || logic::dimension_value(raw.as_deref()));
         }
         for ((slot, k), v) in slots.zip(st.labels.after_dimensions(code)) {

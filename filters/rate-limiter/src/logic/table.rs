@@ -79,8 +79,13 @@ fn slots(set: &mut [u8]) -> std::slice::ChunksExactMut<'_, u8> {
     set.get_mut(1..).unwrap_or_default().chunks_exact_mut(ENTRY_LEN)
 }
 
+/// Where an entry's fingerprint and its `full_at` are in its 32 bytes
+/// (the order [`encode_entry`] writes).
+const FP_AT: usize = 0;
+const FULL_AT: usize = 24;
+
 fn decode_entry(c: &[u8]) -> Entry {
-    Entry { fp: u64_at(c, 0), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, 24) }
+    Entry { fp: u64_at(c, FP_AT), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, FULL_AT) }
 }
 
 /// Encode a set: the version byte, then each entry.
@@ -233,7 +238,7 @@ pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &Bucke
         set.push(SET_VERSION);
     }
     let entry = |take: &Take| encode_entry(&Entry { fp, state: take.state, full_at: full_at(params, &take.state) });
-    if let Some(c) = slots(set).find(|c| u64_at(c, 0) == fp) {
+    if let Some(c) = slots(set).find(|c| u64_at(c, FP_AT) == fp) {
         let e = decode_entry(c);
         let take = params.take(Some(e.state), now_ns);
         if !take.allowed {
@@ -245,18 +250,18 @@ pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &Bucke
     let fresh = params.take(None, now_ns);
     // A free slot: a bucket that is full again (reused first, so values
     // stay short), else one never used.
-    if let Some(c) = slots(set).find(|c| u64_at(c, 24) <= now_ns) {
+    if let Some(c) = slots(set).find(|c| u64_at(c, FULL_AT) <= now_ns) {
         c.copy_from_slice(entry(&fresh).as_flattened());
         return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
-    if set.len().saturating_sub(1) / ENTRY_LEN < capacity {
+    if slots(set).len() < capacity {
         set.extend_from_slice(entry(&fresh).as_flattened());
         return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
     match when_full {
         WhenFull::Evict => {
             // The bucket that would be full soonest loses the least.
-            match slots(set).min_by_key(|c| u64_at(c, 24)) {
+            match slots(set).min_by_key(|c| u64_at(c, FULL_AT)) {
                 Some(v) => v.copy_from_slice(entry(&fresh).as_flattened()),
                 // capacity 0 cannot happen (slots >= 1); answer without a bucket
                 None => return SetOutcome::AllowedFull,
@@ -265,7 +270,7 @@ pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &Bucke
         }
         WhenFull::Limit => {
             // Retry when the first bucket of the set is full (a slot frees).
-            let soonest = slots(set).map(|c| u64_at(c, 24)).min().unwrap_or(now_ns);
+            let soonest = slots(set).map(|c| u64_at(c, FULL_AT)).min().unwrap_or(now_ns);
             let secs = soonest.saturating_sub(now_ns).div_ceil(1_000_000_000).max(1);
             let take = Take { allowed: false, remaining: 0, reset_secs: secs, retry_after_secs: secs, ..fresh };
             SetOutcome::Taken { take, write: false, table_full: true }
