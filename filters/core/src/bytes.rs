@@ -16,16 +16,19 @@ pub struct StackBytes<const N: usize> {
 }
 
 impl<const N: usize> Default for StackBytes<N> {
+    #[inline]
     fn default() -> Self {
         StackBytes { len: 0, inline: [0; N], heap: None }
     }
 }
 
 impl<const N: usize> StackBytes<N> {
+    #[inline]
     pub fn new() -> Self {
         Self::default()
     }
 
+    #[inline]
     pub fn extend_from_slice(&mut self, more: &[u8]) {
         if let Some(h) = &mut self.heap {
             h.extend_from_slice(more);
@@ -46,10 +49,12 @@ impl<const N: usize> StackBytes<N> {
         }
     }
 
+    #[inline]
     pub fn push(&mut self, b: u8) {
         self.extend_from_slice(&[b]);
     }
 
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         match &self.heap {
             Some(h) => h,
@@ -60,24 +65,28 @@ impl<const N: usize> StackBytes<N> {
 
 impl<const N: usize> Deref for StackBytes<N> {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         self.as_slice()
     }
 }
 
 impl<const N: usize> AsRef<[u8]> for StackBytes<N> {
+    #[inline]
     fn as_ref(&self) -> &[u8] {
         self.as_slice()
     }
 }
 
 impl<const N: usize> std::fmt::Debug for StackBytes<N> {
+    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", String::from_utf8_lossy(self.as_slice()))
     }
 }
 
 impl<const N: usize> PartialEq for StackBytes<N> {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         self.as_slice() == other.as_slice()
     }
@@ -91,12 +100,15 @@ impl<const N: usize> Eq for StackBytes<N> {}
 pub struct StackStr<const N: usize>(StackBytes<N>);
 
 impl<const N: usize> StackStr<N> {
+    #[inline]
     pub fn new() -> Self {
         Self::default()
     }
+    #[inline]
     pub fn push_str(&mut self, s: &str) {
         self.0.extend_from_slice(s.as_bytes());
     }
+    #[inline]
     pub fn as_str(&self) -> &str {
         // SAFETY: only whole `&str`s are ever appended (`push_str`), and a
         // concatenation of UTF-8 strings is UTF-8.
@@ -106,30 +118,35 @@ impl<const N: usize> StackStr<N> {
 
 impl<const N: usize> Deref for StackStr<N> {
     type Target = str;
+    #[inline]
     fn deref(&self) -> &str {
         self.as_str()
     }
 }
 
 impl<const N: usize> AsRef<[u8]> for StackStr<N> {
+    #[inline]
     fn as_ref(&self) -> &[u8] {
         self.0.as_slice()
     }
 }
 
 impl<const N: usize> std::fmt::Display for StackStr<N> {
+    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
 impl<const N: usize> std::fmt::Debug for StackStr<N> {
+    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", self.as_str())
     }
 }
 
 impl<const N: usize> PartialEq<&str> for StackStr<N> {
+    #[inline]
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
     }

@@ -18,17 +18,20 @@
 use xxhash_rust::xxh64::xxh64;
 
 /// XXH64(bytes, seed = 0).
+#[inline]
 pub fn hash64(bytes: &[u8]) -> u64 {
     xxh64(bytes, 0)
 }
 
 /// XXH64 with an explicit seed.
+#[inline]
 pub fn hash64_seeded(bytes: &[u8], seed: u64) -> u64 {
     xxh64(bytes, seed)
 }
 
 /// Hash of a salted key: XXH64 over `le32(len(salt)) || salt || key`, seed 0.
 /// The length prefix keeps ("ab", "c") and ("a", "bc") apart.
+#[inline]
 pub fn salted_hash64(salt: &[u8], key: &[u8]) -> u64 {
     salted_hash64_seeded(salt, key, 0)
 }
@@ -36,6 +39,7 @@ pub fn salted_hash64(salt: &[u8], key: &[u8]) -> u64 {
 /// [`salted_hash64`] with an explicit seed: XXH64 over
 /// `le32(len(salt)) || salt || key`. The input is put together on the stack
 /// (past 64 bytes of salt and key together it goes to the heap).
+#[inline]
 pub fn salted_hash64_seeded(salt: &[u8], key: &[u8], seed: u64) -> u64 {
     let mut buf = crate::bytes::StackBytes::<64>::new();
     buf.extend_from_slice(&(salt.len() as u32).to_le_bytes());
@@ -45,12 +49,14 @@ pub fn salted_hash64_seeded(salt: &[u8], key: &[u8], seed: u64) -> u64 {
 }
 
 /// The hash as 16 lowercase hex digits, the form written into headers.
+#[inline]
 pub fn hex16(h: u64) -> String {
     crate::text::hex16(h)
 }
 
 /// Map a hash onto `0..n` (`h mod n`); `n == 0` gives 0. For `n` far below
 /// 2^64 (10,000 experiment buckets, say) the modulo bias is below 1e-15.
+#[inline]
 pub fn bucket(h: u64, n: u64) -> u64 {
     h.checked_rem(n).unwrap_or(0)
 }

@@ -222,6 +222,7 @@ mod ffi {
 /// the host writes every one of them before it hands them over), which
 /// [`take`] turns back into a `Vec` of that capacity. Null when the memory
 /// cannot be had; a dangling pointer for 0 bytes, which `take` never frees.
+#[inline]
 pub fn allocate(size: usize) -> *mut u8 {
     match std::alloc::Layout::array::<u8>(size) {
         Ok(_) if size == 0 => std::ptr::NonNull::<u8>::dangling().as_ptr(),
@@ -232,6 +233,7 @@ pub fn allocate(size: usize) -> *mut u8 {
 }
 
 /// Take ownership of a buffer the host allocated in our memory.
+#[inline]
 fn take(ptr: *mut u8, len: usize) -> Vec<u8> {
     if ptr.is_null() || len == 0 {
         return Vec::new();
@@ -241,6 +243,7 @@ fn take(ptr: *mut u8, len: usize) -> Vec<u8> {
     unsafe { Vec::from_raw_parts(ptr, len, len) }
 }
 
+#[inline]
 fn status(s: u32) -> Result<(), Status> {
     if s == OK {
         Ok(())
@@ -249,6 +252,7 @@ fn status(s: u32) -> Result<(), Status> {
     }
 }
 
+#[inline]
 fn fetch(s: u32, ptr: *mut u8, len: usize) -> Result<Option<Vec<u8>>, Status> {
     match s {
         OK => Ok(Some(take(ptr, len))),
@@ -264,6 +268,7 @@ pub fn log(level: u32, msg: &str) {
 }
 
 /// The host's wall clock in nanoseconds since the epoch (0 if unavailable).
+#[inline]
 pub fn now_nanos() -> u64 {
     let mut t = 0u64;
     // SAFETY: pointer to a live local.
@@ -291,6 +296,7 @@ pub fn set_buffer(kind: Buffer, start: usize, size: usize, data: &[u8]) -> Resul
 }
 
 /// A header value as raw bytes; `Ok(None)` when absent.
+#[inline]
 pub fn get_header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
     let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals and to `name`'s bytes, valid for the call.
@@ -299,6 +305,7 @@ pub fn get_header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
 }
 
 /// Every header of a map, serialized as the host sends it (see [`crate::headers`]).
+#[inline]
 pub fn get_header_pairs(map: Map) -> Result<Vec<u8>, Status> {
     let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals, valid for the call.
@@ -307,6 +314,7 @@ pub fn get_header_pairs(map: Map) -> Result<Vec<u8>, Status> {
 }
 
 /// Replace every value of header `name` with `value` (adds it when absent).
+#[inline]
 pub fn replace_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<(), Status> {
     let name = name.as_ref();
     // SAFETY: borrowed slices valid for the call.
@@ -314,6 +322,7 @@ pub fn replace_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<
 }
 
 /// Add a value to header `name`, keeping existing ones.
+#[inline]
 pub fn add_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<(), Status> {
     let name = name.as_ref();
     // SAFETY: borrowed slices valid for the call.
@@ -321,6 +330,7 @@ pub fn add_header(map: Map, name: impl AsRef<[u8]>, value: &[u8]) -> Result<(), 
 }
 
 /// Remove every value of header `name`.
+#[inline]
 pub fn remove_header(map: Map, name: impl AsRef<[u8]>) -> Result<(), Status> {
     let name = name.as_ref();
     // SAFETY: borrowed slice valid for the call.
@@ -331,6 +341,7 @@ pub fn remove_header(map: Map, name: impl AsRef<[u8]>) -> Result<(), Status> {
 }
 
 /// Property paths are their segments separated by NUL bytes.
+#[inline]
 fn property_path(path: &[&str]) -> Vec<u8> {
     let mut out = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
     for (i, p) in path.iter().enumerate() {
@@ -343,6 +354,7 @@ fn property_path(path: &[&str]) -> Vec<u8> {
 }
 
 /// `path` joined as [`property_path`] does, into `buf`; `None` when it does not fit.
+#[inline]
 fn join_path<'a>(path: &[&str], buf: &'a mut [u8]) -> Option<&'a [u8]> {
     let mut at = 0usize;
     for (i, seg) in path.iter().enumerate() {
@@ -357,6 +369,7 @@ fn join_path<'a>(path: &[&str], buf: &'a mut [u8]) -> Option<&'a [u8]> {
 }
 
 /// A property's raw bytes; `Ok(None)` when absent.
+#[inline]
 pub fn get_property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
     // Paths are short (`xds.route_name`): joined on the stack, not the heap.
     let mut stack = [0u8; 64];
@@ -382,6 +395,7 @@ pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
 }
 
 /// A shared-data value and its CAS token; `Ok(None)` when the key is absent.
+#[inline]
 pub fn get_shared(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
     let (mut ptr, mut len, mut cas) = (std::ptr::null_mut(), 0usize, 0u32);
     // SAFETY: pointers to live locals and borrowed slices, valid for the call.
@@ -392,6 +406,7 @@ pub fn get_shared(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
 /// Set a shared-data value; `cas` 0 sets unconditionally. `Ok(false)` on a
 /// CAS mismatch (someone else wrote first). The host ignores `cas` for a key
 /// that does not exist yet: there is no atomic create.
+#[inline]
 pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<bool, Status> {
     // SAFETY: borrowed slices valid for the call.
     match unsafe { ffi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
@@ -407,11 +422,13 @@ pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
     status(unsafe { ffi::proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) }).map(|()| id)
 }
 
+#[inline]
 pub fn increment_metric(id: u32, by: i64) -> Result<(), Status> {
     // SAFETY: plain values.
     status(unsafe { ffi::proxy_increment_metric(id, by) })
 }
 
+#[inline]
 pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
     // SAFETY: plain values.
     status(unsafe { ffi::proxy_record_metric(id, value) })
@@ -460,6 +477,7 @@ pub fn send_local_response(
 }
 
 /// Call a host foreign function without arguments; its result bytes if any.
+#[inline]
 pub fn call_foreign_function(name: &str) -> Result<Vec<u8>, Status> {
     let (mut ptr, mut len) = (std::ptr::null_mut(), 0usize);
     // SAFETY: pointers to live locals and borrowed slices, valid for the call.

@@ -17,6 +17,7 @@ pub struct HeaderMap {
 }
 
 /// The bit of [`HeaderMap::lengths`] for a name of `len` bytes.
+#[inline]
 fn length_bit(len: usize) -> u64 {
     1u64 << (len % 64)
 }
@@ -27,12 +28,14 @@ pub(crate) type Entry = (Range<usize>, Range<usize>);
 impl HeaderMap {
     /// Parse a serialized map. A truncated or inconsistent buffer yields the
     /// headers read before the damage (never a panic).
+    #[inline]
     pub fn parse(buf: Vec<u8>) -> HeaderMap {
         HeaderMap::parse_into(buf, Vec::new())
     }
 
     /// The same, reusing `entries` (emptied) for the index: see
     /// [`HeaderMap::into_entries`].
+    #[inline]
     pub(crate) fn parse_into(buf: Vec<u8>, mut entries: Vec<Entry>) -> HeaderMap {
         entries.clear();
         let mut lengths = 0;
@@ -61,11 +64,13 @@ impl HeaderMap {
     }
 
     /// The index's vector, for the next [`HeaderMap::parse_into`].
+    #[inline]
     pub(crate) fn into_entries(self) -> Vec<Entry> {
         self.entries
     }
 
     /// A map from name/value pairs (tests and tools).
+    #[inline]
     pub fn from_pairs(pairs: &[(&str, &[u8])]) -> HeaderMap {
         let mut buf = Vec::new();
         buf.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -83,20 +88,24 @@ impl HeaderMap {
     }
 
     /// Every (name, value) pair in order.
+    #[inline]
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.entries.iter().filter_map(|(k, v)| Some((self.buf.get(k.clone())?, self.buf.get(v.clone())?)))
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// First value of `name` (lowercase); for `cookie`, every copy joined
     /// with `"; "` (HTTP/2 clients send one header per cookie).
+    #[inline]
     pub fn get(&self, name: &str) -> Option<Cow<'_, [u8]>> {
         let name = name.as_bytes();
         let first = self.position(name, 0)?;
@@ -115,6 +124,7 @@ impl HeaderMap {
         Some(Cow::Owned(all))
     }
 
+    #[inline]
     pub fn has(&self, name: &str) -> bool {
         self.position(name.as_bytes(), 0).is_some()
     }
@@ -122,6 +132,7 @@ impl HeaderMap {
     /// The index of the first header named `name` from entry `from` on.
     /// Names of another length are passed over without reading their bytes:
     /// most lookups are of a header the request does not have, or has once.
+    #[inline]
     fn position(&self, name: &[u8], from: usize) -> Option<usize> {
         if self.lengths & length_bit(name.len()) == 0 {
             return None;
@@ -131,6 +142,7 @@ impl HeaderMap {
         found.map(|p| p + from)
     }
 
+    #[inline]
     fn value_at(&self, i: usize) -> &[u8] {
         self.entries.get(i).and_then(|(_, v)| self.buf.get(v.clone())).unwrap_or_default()
     }
@@ -138,12 +150,14 @@ impl HeaderMap {
 
 /// A property's bytes as text (`source.address`, `plugin_name`): `None` when
 /// they are not UTF-8.
+#[inline]
 pub fn property_text(bytes: Vec<u8>) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
 /// An integer property: Envoy serialises them as 8 little-endian bytes
 /// (bytes past the eighth are ignored; fewer is `None`).
+#[inline]
 pub fn property_i64(bytes: &[u8]) -> Option<i64> {
     let arr: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
     Some(i64::from_le_bytes(arr))
@@ -153,6 +167,7 @@ pub fn property_i64(bytes: &[u8]) -> Option<i64> {
 /// first, as `str::parse` takes), surrounding ASCII whitespace ignored;
 /// `None` for anything else or past `u32::MAX`. Read byte by byte: this
 /// runs on every response of the modules that count statuses.
+#[inline]
 pub fn status_code(bytes: &[u8]) -> Option<u32> {
     // What Envoy sends: three digits.
     if let [a @ b'0'..=b'9', b @ b'0'..=b'9', c @ b'0'..=b'9'] = *bytes {

@@ -65,9 +65,11 @@ impl BatchedCounter {
     pub fn new(name: &str) -> BatchedCounter {
         BatchedCounter { id: abi::define_metric(abi::MetricKind::Counter, name).ok(), pending: Cell::new(0) }
     }
+    #[inline]
     pub fn inc(&self) {
         self.add(1);
     }
+    #[inline]
     pub fn add(&self, n: u64) {
         self.pending.set(self.pending.get().saturating_add(n));
     }
@@ -91,6 +93,7 @@ impl Histogram {
     pub fn new(name: &str) -> Histogram {
         Histogram(abi::define_metric(abi::MetricKind::Histogram, name).ok())
     }
+    #[inline]
     pub fn record(&self, v: u64) {
         if let Some(id) = self.0 {
             let _ = abi::record_metric(id, v);
@@ -166,6 +169,7 @@ pub fn random_bytes(buf: &mut [u8]) -> bool {
 /// Record filter state `wasm.<key>` outside the request callback (where
 /// [`Request::record`] is not at hand); the caller checks the stage's
 /// `filterState` switch ([`Request::records_state`]).
+#[inline]
 pub fn set_filter_state(key: &str, value: &str) {
     if let Err(s) = abi::set_property(&[key], value.as_bytes()) {
         log::warn!("cannot set filter state {key}: status {s}");
@@ -173,11 +177,13 @@ pub fn set_filter_state(key: &str, value: &str) {
 }
 
 /// A property as UTF-8 text (`["plugin_name"]`, `["xds", "cluster_name"]`).
+#[inline]
 pub fn property_string(path: &[&str]) -> Option<String> {
     headers::property_text(abi::get_property(path).ok().flatten()?)
 }
 
 /// An integer property (Envoy serialises them as 8 little-endian bytes).
+#[inline]
 pub fn property_i64(path: &[&str]) -> Option<i64> {
     headers::property_i64(&abi::get_property(path).ok().flatten()?)
 }

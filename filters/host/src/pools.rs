@@ -29,6 +29,7 @@ pub const LARGEST: usize = SMALLEST << (CLASSES - 1);
 const ALIGN: usize = 8;
 
 /// The class of a layout, if it has one.
+#[inline]
 fn class(layout: Layout) -> Option<usize> {
     if layout.align() > ALIGN || layout.size() > LARGEST {
         return None;
@@ -38,6 +39,7 @@ fn class(layout: Layout) -> Option<usize> {
     Some((usize::BITS - (size - 1).leading_zeros()) as usize - SMALLEST.trailing_zeros() as usize)
 }
 
+#[inline]
 fn class_layout(class: usize) -> Option<Layout> {
     Layout::from_size_align(SMALLEST << class, ALIGN).ok()
 }

@@ -15,26 +15,31 @@ pub struct Slots<V> {
 }
 
 impl<V> Default for Slots<V> {
+    #[inline]
     fn default() -> Self {
         Slots::new()
     }
 }
 
 impl<V> Slots<V> {
+    #[inline]
     pub const fn new() -> Slots<V> {
         Slots { slots: Vec::new(), len: 0 }
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The index of `id`'s slot, or of the empty slot where it would go.
     /// The table is never full, so the probe ends.
+    #[inline]
     fn probe(&self, id: u32) -> Option<usize> {
         let mask = self.slots.len().checked_sub(1)?;
         let mut i = id as usize & mask;
@@ -46,25 +51,30 @@ impl<V> Slots<V> {
         }
     }
 
+    #[inline]
     fn find(&self, id: u32) -> Option<usize> {
         let i = self.probe(id)?;
         self.slots.get(i)?.as_ref().map(|_| i)
     }
 
+    #[inline]
     pub fn get(&self, id: u32) -> Option<&V> {
         self.slots.get(self.find(id)?)?.as_ref().map(|(_, v)| v)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, id: u32) -> Option<&mut V> {
         let i = self.find(id)?;
         self.slots.get_mut(i)?.as_mut().map(|(_, v)| v)
     }
 
+    #[inline]
     pub fn contains_key(&self, id: u32) -> bool {
         self.find(id).is_some()
     }
 
     /// Insert or replace.
+    #[inline]
     pub fn insert(&mut self, id: u32, value: V) {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
@@ -76,6 +86,7 @@ impl<V> Slots<V> {
         *slot = Some((id, value));
     }
 
+    #[inline]
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(16);
         let old = std::mem::take(&mut self.slots);
@@ -86,6 +97,7 @@ impl<V> Slots<V> {
         }
     }
 
+    #[inline]
     pub fn remove(&mut self, id: u32) -> Option<V> {
         let mut hole = self.find(id)?;
         let (_, value) = self.slots.get_mut(hole)?.take()?;

@@ -30,6 +30,7 @@ impl Match {
     /// Whether the request is in the rule's scope (core's matcher: host,
     /// normalised path, method, header bytes) and, when `clientCidrs` is
     /// set, comes from one of its ranges.
+    #[inline]
     pub fn matches(&self, req: &dyn RequestView) -> bool {
         if !self.scope.matches(req) {
             return false;
@@ -58,6 +59,7 @@ pub fn composite_key(policy: &Policy, req: &dyn RequestView) -> Option<Composite
 
 /// Append `policy`'s [`composite_key`] for `req` to `out`; `None` when a
 /// part is absent.
+#[inline]
 fn push_key<const N: usize>(policy: &Policy, req: &dyn RequestView, out: &mut StackBytes<N>) -> Option<()> {
     for part in &policy.key {
         let v = part.extract_cow(req)?;
@@ -73,6 +75,7 @@ pub type CompositeKey = StackBytes<128>;
 /// Where the request's bucket for policy `p` lives: exactly
 /// `place(seed, name, composite_key(p, req))`, with the hash's input put
 /// together once, on the stack. `None` when a key part is absent.
+#[inline]
 pub fn place_request(table: &Table, p: &Policy, req: &dyn RequestView) -> Option<Placement> {
     let mut input = StackBytes::<64>::new();
     input.extend_from_slice(&(p.name.len() as u32).to_le_bytes());
@@ -101,6 +104,7 @@ pub enum Selection {
 
 /// Find the rule for `req`: the allowlist first, then the first policy whose
 /// match holds and whose key parts are all present.
+#[inline]
 pub fn select(s: &Settings, table: &Table, req: &dyn RequestView) -> Selection {
     if s.allowlist.iter().any(|m| m.matches(req)) {
         return Selection::Allowlisted;
@@ -130,6 +134,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    #[inline]
     pub fn label(self) -> &'static str {
         match self {
             Verdict::Allowlisted => "allowlisted",
@@ -165,6 +170,7 @@ pub fn decide(s: &Settings, table: &Table, req: &dyn RequestView, store: &mut dy
 }
 
 impl Decision {
+    #[inline]
     fn plain(verdict: Verdict, policy: Option<usize>) -> Decision {
         Decision { verdict, policy, take: None, conflicts: 0, table_full: false, fail_reason: None }
     }
@@ -172,6 +178,7 @@ impl Decision {
 
 /// [`decide`] for a selection already made (a global policy's selection
 /// goes to [`global_call`] instead; here it is decided as unmatched).
+#[inline]
 pub fn decide_selected(s: &Settings, table: &Table, sel: Selection, store: &mut dyn SlotStore, now_ns: u64) -> Decision {
     let none = |verdict| Decision::plain(verdict, None);
     let (index, at) = match sel {
@@ -317,6 +324,7 @@ pub fn response_headers(s: &Settings, d: &Decision) -> Vec<(&'static str, String
 /// [`response_headers`] handed to `emit` one by one, for the policy at
 /// `policy` and its `take`: the `X-RateLimit-*` values are written on the
 /// stack, so the default headers cost no allocation.
+#[inline]
 pub fn each_response_header(s: &Settings, take: &Take, policy: usize, mut emit: impl FnMut(&'static str, &str)) {
     let Some(policy) = s.policies.get(policy) else { return };
     if s.x_rate_limit_headers {

@@ -136,6 +136,7 @@ pub struct RateLimitStream {
 
 impl RateLimiter {
     /// Count, record and answer a decision.
+    #[inline]
     fn finish(&self, req: &mut Request<'_>, st: &mut RateLimitStream, d: Decision, grpc: bool) -> Flow {
         let s = &self.settings;
         let m = &self.metrics;
@@ -167,8 +168,11 @@ impl RateLimiter {
         if let (Some(p), true) = (d.policy.and_then(|i| s.policies.get(i)), req.records_state()) {
             req.record(STATE_POLICY, p.name.clone());
         }
-        let reply = limited_reply(s, &d, grpc).map(|r| (r, "rate_limited"));
-        if let Some((r, details)) = reply.or_else(|| fail_closed_reply(&d, grpc).map(|r| (r, "rate_limit_service_unavailable"))) {
+        // Only a refusal builds a reply (most requests are allowed).
+        let refused = matches!(d.verdict, Verdict::Limited | Verdict::FailClosed);
+        let reply = || limited_reply(s, &d, grpc).map(|r| (r, "rate_limited"));
+        let reply = || reply().or_else(|| fail_closed_reply(&d, grpc).map(|r| (r, "rate_limit_service_unavailable")));
+        if let Some((r, details)) = refused.then(reply).flatten() {
             // The reply carries the rate-limit headers itself.
             return Flow::Reply(LocalReply {
                 status: r.status,
@@ -186,6 +190,7 @@ impl RateLimiter {
 impl Stage for RateLimiter {
     type Stream = RateLimitStream;
 
+    #[inline]
     fn on_request(&self, req: &mut Request<'_>, st: &mut Self::Stream) -> Flow {
         let s = &self.settings;
         let sel = select(s, &self.table, &*req);
@@ -222,6 +227,7 @@ impl Stage for RateLimiter {
         Some(self.finish(req, st, global_decision(&self.settings, index, result), grpc))
     }
 
+    #[inline]
     fn on_response(&self, resp: &mut Response, st: &mut Self::Stream) {
         if let Some((take, policy)) = st.respond.take() {
             each_response_header(&self.settings, &take, policy, |name, value| resp.set_header(name, value));

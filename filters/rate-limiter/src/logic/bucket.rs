@@ -57,6 +57,7 @@ pub struct Take {
 /// `a * b / c` rounded down (`u64::MAX` when `c` is 0 or the quotient does
 /// not fit). In 64 bits when the product fits: wasm has no 128-bit
 /// arithmetic, and its emulation costs hundreds of instructions a request.
+#[inline]
 fn mul_div(a: u64, b: u64, c: u64) -> u64 {
     if fits_u64(a, b) && c != 0 {
         return a * b / c;
@@ -67,6 +68,7 @@ fn mul_div(a: u64, b: u64, c: u64) -> u64 {
 
 /// Whether `a * b` surely fits in 64 bits: their bit lengths add up to at
 /// most 64 (`checked_mul` would itself multiply in 128 bits on wasm).
+#[inline]
 fn fits_u64(a: u64, b: u64) -> bool {
     a.leading_zeros() + b.leading_zeros() >= 64
 }
@@ -80,6 +82,7 @@ fn ceil_div(a: u128, b: u128) -> u128 {
 
 impl BucketParams {
     /// Nanoseconds to gain `milli` milli-tokens, rounded up.
+    #[inline]
     pub fn ns_for(&self, milli: u64) -> u64 {
         // In 64 bits when the product fits (see `mul_div`).
         if fits_u64(milli, self.unit_ns) && self.refill != 0 {
@@ -97,6 +100,7 @@ impl BucketParams {
 
     /// The bucket at `now_ns`: a new bucket is full; an existing one gains
     /// what the elapsed time is worth, up to the capacity.
+    #[inline]
     pub fn refill(&self, state: Option<BucketState>, now_ns: u64) -> BucketState {
         let Some(s) = state else {
             return BucketState { tokens: self.capacity, last_ns: now_ns };
@@ -121,6 +125,7 @@ impl BucketParams {
     }
 
     /// Ask for one request at `now_ns`.
+    #[inline]
     pub fn take(&self, state: Option<BucketState>, now_ns: u64) -> Take {
         let mut s = self.refill(state, now_ns);
         let allowed = s.tokens >= COST_MILLI;

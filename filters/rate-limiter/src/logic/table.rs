@@ -64,17 +64,20 @@ pub struct Entry {
 }
 
 /// An entry's 32 bytes in a set (`.as_flattened()`), as four words.
+#[inline]
 fn encode_entry(e: &Entry) -> [[u8; 8]; 4] {
     [e.fp.to_le_bytes(), e.state.tokens.to_le_bytes(), e.state.last_ns.to_le_bytes(), e.full_at.to_le_bytes()]
 }
 
 /// The little-endian u64 at `i` of an entry's bytes (0 past the end, which
 /// the callers' `chunks_exact` rules out).
+#[inline]
 fn u64_at(c: &[u8], i: usize) -> u64 {
     c.get(i..i + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes).unwrap_or(0)
 }
 
 /// The entries of a set known to be valid, each its 32 bytes.
+#[inline]
 fn slots(set: &mut [u8]) -> std::slice::ChunksExactMut<'_, u8> {
     set.get_mut(1..).unwrap_or_default().chunks_exact_mut(ENTRY_LEN)
 }
@@ -84,6 +87,7 @@ fn slots(set: &mut [u8]) -> std::slice::ChunksExactMut<'_, u8> {
 const FP_AT: usize = 0;
 const FULL_AT: usize = 24;
 
+#[inline]
 fn decode_entry(c: &[u8]) -> Entry {
     Entry { fp: u64_at(c, FP_AT), state: BucketState { tokens: u64_at(c, 8), last_ns: u64_at(c, 16) }, full_at: u64_at(c, FULL_AT) }
 }
@@ -101,6 +105,7 @@ pub fn encode_set(entries: &[Entry]) -> Vec<u8> {
 /// A set's entries as bytes, or `None` for a value of another version or
 /// length (an older module's slot, damage), which reads as an empty set: it
 /// exists, so it can still be claimed with compare-and-swap.
+#[inline]
 fn set_entries(bytes: &[u8]) -> Option<&[u8]> {
     match bytes.split_first() {
         Some((&SET_VERSION, rest)) if rest.len() % ENTRY_LEN == 0 => Some(rest),
@@ -121,14 +126,17 @@ pub struct Layout {
 }
 
 impl Layout {
+    #[inline]
     pub fn sets(&self) -> u32 {
         self.slots.div_ceil(WAYS)
     }
     /// Slots of set `s`.
+    #[inline]
     pub fn capacity(&self, s: u32) -> usize {
         self.slots.saturating_sub(s.saturating_mul(WAYS)).min(WAYS) as usize
     }
     /// Shared-data key of set `s`.
+    #[inline]
     pub fn key(s: u32) -> SetKey {
         let mut k = SetKey::new();
         k.push_str(KEY_PREFIX);
@@ -154,6 +162,7 @@ pub fn place(seed: u64, policy: &str, key: &[u8], layout: Layout) -> Placement {
 }
 
 /// The placement of hash `h`: set `h mod sets`, fingerprint `h`.
+#[inline]
 pub fn placement(h: u64, layout: Layout) -> Placement {
     Placement { set: hash_bucket(h, u64::from(layout.sets())) as u32, fp: h }
 }
@@ -220,6 +229,7 @@ pub enum SetOutcome {
 }
 
 /// The time a bucket is full again.
+#[inline]
 pub fn full_at(params: &BucketParams, s: &BucketState) -> u64 {
     let missing = params.capacity.saturating_sub(s.tokens);
     if missing == 0 {
@@ -232,6 +242,7 @@ pub fn full_at(params: &BucketParams, s: &BucketState) -> u64 {
 /// request. The set is updated where it lies, in its encoded bytes (what
 /// [`encode_set`] writes; a value [`decode_set`] reads as empty is made an
 /// empty set first), so only the entry that changes is touched.
+#[inline]
 pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &BucketParams, now_ns: u64, when_full: WhenFull) -> SetOutcome {
     if set_entries(set).is_none() {
         set.clear();
@@ -293,6 +304,7 @@ pub enum Shared {
 /// Take one request from `fp`'s bucket in set `set`: read the set, decide,
 /// write it back with compare-and-swap; on a conflict, decide again on the
 /// new value, up to [`MAX_CAS_ATTEMPTS`] times. A limited request writes nothing.
+#[inline]
 pub fn take_shared(
     store: &mut dyn SlotStore,
     layout: Layout,
