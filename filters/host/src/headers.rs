@@ -137,8 +137,11 @@ impl HeaderMap {
         if self.lengths & length_bit(name.len()) == 0 {
             return None;
         }
-        let found =
-            self.entries.get(from..)?.iter().position(|(k, _)| k.end - k.start == name.len() && self.buf.get(k.clone()) == Some(name));
+        let found = self
+            .entries
+            .get(from..)?
+            .iter()
+            .position(|(k, _)| k.end - k.start == name.len() && self.buf.get(k.clone()).is_some_and(|n| same_bytes(n, name)));
         found.map(|p| p + from)
     }
 
@@ -146,6 +149,18 @@ impl HeaderMap {
     fn value_at(&self, i: usize) -> &[u8] {
         self.entries.get(i).and_then(|(_, v)| self.buf.get(v.clone())).unwrap_or_default()
     }
+}
+
+/// `a == b` for two names of the same length, eight bytes at a time: a
+/// slice comparison is a call to libc's byte-by-byte `memcmp`.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let words = a8
+        .by_ref()
+        .zip(b8.by_ref())
+        .all(|(x, y)| x.first_chunk::<8>().map(|x| u64::from_ne_bytes(*x)) == y.first_chunk::<8>().map(|y| u64::from_ne_bytes(*y)));
+    words && a.len() == b.len() && a8.remainder().iter().zip(b8.remainder()).all(|(x, y)| x == y)
 }
 
 /// A property's bytes as text (`source.address`, `plugin_name`): `None` when
@@ -237,6 +252,22 @@ mod tests {
             assert!(m.len() <= 2);
         }
         assert_eq!(HeaderMap::parse(full[..full.len() - 2].to_vec()).len(), 1);
+    }
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let mut r = meshpatterns_core::test_rand(0x5eed);
+        for _ in 0..20_000 {
+            let len = (r() % 40) as usize;
+            let a: Vec<u8> = (0..len).map(|_| (r() % 3) as u8).collect();
+            let mut b = a.clone();
+            if r().is_multiple_of(2) && len > 0 {
+                let i = (r() as usize) % len;
+                b[i] ^= 1 + (r() % 2) as u8;
+            }
+            assert_eq!(same_bytes(&a, &b), a == b, "{a:?} {b:?}");
+        }
+        assert!(!same_bytes(b"abcdefgh", b"abcdefghi"));
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl Pools {
 
     /// # Safety
     /// As [`GlobalAlloc::alloc`]; `self` is used from one thread only.
+    #[inline]
     pub unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let Some((c, head)) = class(layout).and_then(|c| Some((c, self.heads.get(c)?))) else {
             return unsafe { System.alloc(layout) };
@@ -75,6 +76,7 @@ impl Pools {
 
     /// # Safety
     /// As [`GlobalAlloc::dealloc`]; `self` is used from one thread only.
+    #[inline]
     pub unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
         match class(layout).and_then(|c| self.heads.get(c)) {
             Some(head) => {
@@ -89,6 +91,7 @@ impl Pools {
 
     /// # Safety
     /// As [`GlobalAlloc::realloc`]; `self` is used from one thread only.
+    #[inline]
     pub unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else { return ptr::null_mut() };
         let (old, new) = (class(layout), class(new_layout));
@@ -128,12 +131,15 @@ mod global {
     unsafe impl Sync for Global {}
 
     unsafe impl GlobalAlloc for Global {
+        #[inline]
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             unsafe { self.0.alloc(layout) }
         }
+        #[inline]
         unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
             unsafe { self.0.dealloc(block, layout) }
         }
+        #[inline]
         unsafe fn realloc(&self, block: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             unsafe { self.0.realloc(block, layout, new_size) }
         }

@@ -78,8 +78,7 @@ pub type CompositeKey = StackBytes<128>;
 #[inline]
 pub fn place_request(table: &Table, p: &Policy, req: &dyn RequestView) -> Option<Placement> {
     let mut input = StackBytes::<64>::new();
-    input.extend_from_slice(&(p.name.len() as u32).to_le_bytes());
-    input.extend_from_slice(p.name.as_bytes());
+    input.extend_from_slice(&p.hash_prefix);
     push_key(p, req, &mut input)?;
     Some(table::placement(meshpatterns_core::hash::hash64_seeded(&input, table.seed), table.layout))
 }

@@ -411,6 +411,9 @@ impl Match {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: String,
+    /// `le32(len(name)) || name`: how the placement hash's input starts
+    /// (see [`crate::logic::place_request`]), made once.
+    pub hash_prefix: Vec<u8>,
     pub matcher: Match,
     pub key: Vec<KeySource>,
     pub bucket: BucketParams,
@@ -651,7 +654,15 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mu
         // divided by `replicas` (every proxy asks the same service).
         let bucket = BucketParams { capacity: p.rate * COST_MILLI, refill: p.rate * COST_MILLI, unit_ns: p.per.seconds() * 1_000_000_000 };
         let global = Global { requests_per_unit, unit: p.per, failure: p.failure_mode.unwrap_or_default() };
-        return Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow), global: Some(global) });
+        return Ok(Policy {
+            hash_prefix: hash_prefix(&name),
+            name,
+            matcher,
+            key,
+            bucket,
+            shadow: p.shadow.unwrap_or(shadow),
+            global: Some(global),
+        });
     }
     if let Some(f) = p.failure_mode {
         return Err(ConfigError::new(
@@ -679,7 +690,12 @@ fn compile_policy(p: &PolicyConfig, replicas: u32, shadow: bool, deprecated: &mu
         refill: (p.rate * COST_MILLI / u64::from(replicas)).max(1),
         unit_ns: p.per.seconds() * 1_000_000_000,
     };
-    Ok(Policy { name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow), global: None })
+    Ok(Policy { hash_prefix: hash_prefix(&name), name, matcher, key, bucket, shadow: p.shadow.unwrap_or(shadow), global: None })
+}
+
+/// [`Policy::hash_prefix`] of a policy named `name`.
+fn hash_prefix(name: &str) -> Vec<u8> {
+    [&(name.len() as u32).to_le_bytes()[..], name.as_bytes()].concat()
 }
 
 #[cfg(test)]

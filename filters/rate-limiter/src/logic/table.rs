@@ -63,10 +63,15 @@ pub struct Entry {
     pub full_at: u64,
 }
 
-/// An entry's 32 bytes in a set (`.as_flattened()`), as four words.
+/// An entry's 32 bytes in a set: four words. A fixed-size array, so that
+/// writing it into a set is four stores, not a `memory.copy` call.
 #[inline]
-fn encode_entry(e: &Entry) -> [[u8; 8]; 4] {
-    [e.fp.to_le_bytes(), e.state.tokens.to_le_bytes(), e.state.last_ns.to_le_bytes(), e.full_at.to_le_bytes()]
+fn encode_entry(e: &Entry) -> [u8; ENTRY_LEN] {
+    let mut out = [0u8; ENTRY_LEN];
+    for (dst, w) in out.as_chunks_mut::<8>().0.iter_mut().zip([e.fp, e.state.tokens, e.state.last_ns, e.full_at]) {
+        *dst = w.to_le_bytes();
+    }
+    out
 }
 
 /// The little-endian u64 at `i` of an entry's bytes (0 past the end, which
@@ -78,8 +83,8 @@ fn u64_at(c: &[u8], i: usize) -> u64 {
 
 /// The entries of a set known to be valid, each its 32 bytes.
 #[inline]
-fn slots(set: &mut [u8]) -> std::slice::ChunksExactMut<'_, u8> {
-    set.get_mut(1..).unwrap_or_default().chunks_exact_mut(ENTRY_LEN)
+fn slots(set: &mut [u8]) -> std::slice::IterMut<'_, [u8; ENTRY_LEN]> {
+    set.get_mut(1..).unwrap_or_default().as_chunks_mut::<ENTRY_LEN>().0.iter_mut()
 }
 
 /// Where an entry's fingerprint and its `full_at` are in its 32 bytes
@@ -97,7 +102,7 @@ pub fn encode_set(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + ENTRY_LEN * entries.len());
     out.push(SET_VERSION);
     for e in entries {
-        out.extend_from_slice(encode_entry(e).as_flattened());
+        out.extend_from_slice(&encode_entry(e));
     }
     out
 }
@@ -138,15 +143,68 @@ impl Layout {
     /// Shared-data key of set `s`.
     #[inline]
     pub fn key(s: u32) -> SetKey {
-        let mut k = SetKey::new();
-        k.push_str(KEY_PREFIX);
-        k.push_str(&meshpatterns_core::text::hex_digits(u64::from(s)));
-        k
+        // Written in place: the prefix as one word, then the hex digits by
+        // shifts (a set index has at most 8).
+        let digits = (32 - s.leading_zeros()).div_ceil(4).max(1) as usize;
+        let mut buf = [0u8; 12];
+        if let Some(p) = buf.first_chunk_mut::<4>() {
+            *p = KEY_PREFIX_BYTES;
+        }
+        for (i, b) in buf.iter_mut().skip(4).take(digits).enumerate() {
+            let shift = 4 * (digits - 1 - i);
+            *b = b"0123456789abcdef".get((s >> shift) as usize & 15).copied().unwrap_or(b'0');
+        }
+        SetKey { buf, len: 4 + digits as u8 }
     }
 }
 
+/// [`KEY_PREFIX`] as the four bytes a set key starts with.
+const KEY_PREFIX_BYTES: [u8; 4] = match KEY_PREFIX.as_bytes().first_chunk::<4>() {
+    Some(b) => *b,
+    None => [0; 4],
+};
+
 /// A set's shared-data key (`rl2:<set in hex>`), on the stack.
-pub type SetKey = meshpatterns_core::bytes::StackStr<24>;
+#[derive(Clone, Copy)]
+pub struct SetKey {
+    buf: [u8; 12],
+    len: u8,
+}
+
+impl SetKey {
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        let bytes = self.buf.get(..usize::from(self.len)).unwrap_or_default();
+        // SAFETY: `Layout::key` writes only the ASCII prefix and hex digits.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+}
+
+impl std::ops::Deref for SetKey {
+    type Target = str;
+    #[inline]
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for SetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for SetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl PartialEq<&str> for SetKey {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// Where a key's bucket lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,31 +307,31 @@ pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &Bucke
         set.push(SET_VERSION);
     }
     let entry = |take: &Take| encode_entry(&Entry { fp, state: take.state, full_at: full_at(params, &take.state) });
-    if let Some(c) = slots(set).find(|c| u64_at(c, FP_AT) == fp) {
-        let e = decode_entry(c);
+    if let Some(c) = slots(set).find(|c| u64_at(c.as_slice(), FP_AT) == fp) {
+        let e = decode_entry(c.as_slice());
         let take = params.take(Some(e.state), now_ns);
         if !take.allowed {
             return SetOutcome::Taken { take, write: false, table_full: false };
         }
-        c.copy_from_slice(entry(&take).as_flattened());
+        *c = entry(&take);
         return SetOutcome::Taken { take, write: true, table_full: false };
     }
     let fresh = params.take(None, now_ns);
     // A free slot: a bucket that is full again (reused first, so values
     // stay short), else one never used.
-    if let Some(c) = slots(set).find(|c| u64_at(c, FULL_AT) <= now_ns) {
-        c.copy_from_slice(entry(&fresh).as_flattened());
+    if let Some(c) = slots(set).find(|c| u64_at(c.as_slice(), FULL_AT) <= now_ns) {
+        *c = entry(&fresh);
         return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
     if slots(set).len() < capacity {
-        set.extend_from_slice(entry(&fresh).as_flattened());
+        set.extend_from_slice(&entry(&fresh));
         return SetOutcome::Taken { take: fresh, write: true, table_full: false };
     }
     match when_full {
         WhenFull::Evict => {
             // The bucket that would be full soonest loses the least.
-            match slots(set).min_by_key(|c| u64_at(c, FULL_AT)) {
-                Some(v) => v.copy_from_slice(entry(&fresh).as_flattened()),
+            match slots(set).min_by_key(|c| u64_at(c.as_slice(), FULL_AT)) {
+                Some(v) => *v = entry(&fresh),
                 // capacity 0 cannot happen (slots >= 1); answer without a bucket
                 None => return SetOutcome::AllowedFull,
             }
@@ -281,7 +339,7 @@ pub fn decide_in_set(set: &mut Vec<u8>, capacity: usize, fp: u64, params: &Bucke
         }
         WhenFull::Limit => {
             // Retry when the first bucket of the set is full (a slot frees).
-            let soonest = slots(set).map(|c| u64_at(c, FULL_AT)).min().unwrap_or(now_ns);
+            let soonest = slots(set).map(|c| u64_at(c.as_slice(), FULL_AT)).min().unwrap_or(now_ns);
             let secs = soonest.saturating_sub(now_ns).div_ceil(1_000_000_000).max(1);
             let take = Take { allowed: false, remaining: 0, reset_secs: secs, retry_after_secs: secs, ..fresh };
             SetOutcome::Taken { take, write: false, table_full: true }
@@ -441,6 +499,9 @@ mod tests {
         }
         assert_eq!(Layout { slots: 65_536 }.sets(), 4_096);
         assert_eq!(Layout::key(0xabc), "rl2:abc");
+        for s in [0, 1, 15, 16, 255, 256, 4095, 65_535, 1 << 20, u32::MAX - 1, u32::MAX] {
+            assert_eq!(Layout::key(s), format!("{KEY_PREFIX}{s:x}").as_str(), "{s}");
+        }
     }
 
     #[test]
