@@ -79,14 +79,12 @@ impl<const N: usize> AsRef<[u8]> for StackBytes<N> {
 }
 
 impl<const N: usize> std::fmt::Debug for StackBytes<N> {
-    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", String::from_utf8_lossy(self.as_slice()))
     }
 }
 
 impl<const N: usize> PartialEq for StackBytes<N> {
-    #[inline]
     fn eq(&self, other: &Self) -> bool {
         self.as_slice() == other.as_slice()
     }
@@ -132,21 +130,18 @@ impl<const N: usize> AsRef<[u8]> for StackStr<N> {
 }
 
 impl<const N: usize> std::fmt::Display for StackStr<N> {
-    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
 }
 
 impl<const N: usize> std::fmt::Debug for StackStr<N> {
-    #[inline]
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", self.as_str())
     }
 }
 
 impl<const N: usize> PartialEq<&str> for StackStr<N> {
-    #[inline]
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
     }

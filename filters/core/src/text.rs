@@ -16,7 +16,8 @@ impl Digits {
     }
     #[inline]
     pub fn as_str(&self) -> &str {
-        // SAFETY: `digits` writes only ASCII digits and letters a-f.
+        // SAFETY: `decimal_digits` and `hex_width` write only ASCII digits
+        // and letters a-f.
         unsafe { std::str::from_utf8_unchecked(self.as_bytes()) }
     }
 }
@@ -94,12 +95,12 @@ pub fn hex(n: u64) -> String {
 /// [`hex`] without an allocation.
 #[inline]
 pub fn hex_digits(n: u64) -> Digits {
-    digits::<true>(n, 1)
+    hex_width(n, 1)
 }
 
 /// `n` as 16 lowercase hex digits, as `format!("{n:016x}")`.
 pub fn hex16(n: u64) -> String {
-    digits::<true>(n, 16).to_string()
+    hex_width(n, 16).to_string()
 }
 
 /// A finite `f` as `f.to_string()` prints it: the fewest digits that read
@@ -151,17 +152,17 @@ pub fn float(f: f64) -> Option<String> {
     Some(out)
 }
 
-/// `n` in hex (`HEX`) or decimal, padded with zeros to at least `width` digits
-/// (at most 20). Written from the last digit back, by iterator (no index
-/// checks); hex digits come from shifts, decimal ones from dividing by the
-/// constant 10.
-fn digits<const HEX: bool>(n: u64, width: usize) -> Digits {
+/// `n` in lowercase hex, padded with zeros to at least `width` digits (at
+/// most 16). Written from the last digit back, by iterator (no index
+/// checks), each digit from a shift. (Decimal has its own writer,
+/// [`decimal_digits`].)
+fn hex_width(n: u64, width: usize) -> Digits {
     let mut buf = [b'0'; 20];
     let mut rest = n;
     let mut written = 0;
     for slot in buf.iter_mut().rev() {
-        let d = if HEX { (rest & 15) as u8 } else { (rest % 10) as u8 };
-        rest = if HEX { rest >> 4 } else { rest / 10 };
+        let d = (rest & 15) as u8;
+        rest >>= 4;
         *slot = if d < 10 { b'0' + d } else { b'a' + d - 10 };
         written += 1;
         if rest == 0 && written >= width {

@@ -341,7 +341,6 @@ pub fn remove_header(map: Map, name: impl AsRef<[u8]>) -> Result<(), Status> {
 }
 
 /// Property paths are their segments separated by NUL bytes.
-#[inline]
 fn property_path(path: &[&str]) -> Vec<u8> {
     let mut out = Vec::with_capacity(path.iter().map(|p| p.len() + 1).sum());
     for (i, p) in path.iter().enumerate() {

@@ -70,7 +70,6 @@ impl HeaderMap {
     }
 
     /// A map from name/value pairs (tests and tools).
-    #[inline]
     pub fn from_pairs(pairs: &[(&str, &[u8])]) -> HeaderMap {
         let mut buf = Vec::new();
         buf.extend_from_slice(&(pairs.len() as u32).to_le_bytes());

@@ -86,7 +86,6 @@ impl<V> Slots<V> {
         *slot = Some((id, value));
     }
 
-    #[inline]
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(16);
         let old = std::mem::take(&mut self.slots);

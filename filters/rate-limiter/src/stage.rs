@@ -169,10 +169,12 @@ impl RateLimiter {
             req.record(STATE_POLICY, p.name.clone());
         }
         // Only a refusal builds a reply (most requests are allowed).
-        let refused = matches!(d.verdict, Verdict::Limited | Verdict::FailClosed);
-        let reply = || limited_reply(s, &d, grpc).map(|r| (r, "rate_limited"));
-        let reply = || reply().or_else(|| fail_closed_reply(&d, grpc).map(|r| (r, "rate_limit_service_unavailable")));
-        if let Some((r, details)) = refused.then(reply).flatten() {
+        let reply = match d.verdict {
+            Verdict::Limited => limited_reply(s, &d, grpc).map(|r| (r, "rate_limited")),
+            Verdict::FailClosed => fail_closed_reply(&d, grpc).map(|r| (r, "rate_limit_service_unavailable")),
+            _ => None,
+        };
+        if let Some((r, details)) = reply {
             // The reply carries the rate-limit headers itself.
             return Flow::Reply(LocalReply {
                 status: r.status,
