@@ -106,32 +106,21 @@ impl Writes {
 }
 
 /// Buffers a finished request leaves for the next one on the same VM (its
-/// header changes and its header index), so that after the first requests
-/// reading and changing headers allocates nothing of ours.
+/// header changes), so that after the first requests changing headers
+/// allocates nothing of ours.
 #[derive(Debug, Default)]
 pub struct Spare {
     writes: Option<Writes>,
-    entries: Option<Vec<crate::headers::Entry>>,
 }
 
 impl Spare {
     pub const fn new() -> Spare {
-        Spare { writes: None, entries: None }
+        Spare { writes: None }
     }
 
-    /// The request headers of the current stream, read with one hostcall
-    /// into the spare index.
+    /// The request headers of the current stream, read with one hostcall.
     pub(crate) fn request_headers(&mut self) -> HeaderMap {
-        let buf = abi::get_header_pairs(Map::RequestHeaders).unwrap_or_default();
-        HeaderMap::parse_into(buf, self.entries.take().unwrap_or_default())
-    }
-
-    /// Keep a map's index (unless it grew unusually large).
-    pub(crate) fn keep_entries(&mut self, headers: HeaderMap) {
-        let e = headers.into_entries();
-        if e.capacity() <= 128 {
-            self.entries = Some(e);
-        }
+        HeaderMap::parse(abi::get_header_pairs(Map::RequestHeaders).unwrap_or_default())
     }
 }
 

@@ -73,7 +73,7 @@ pub struct Vm<S: Stage> {
     /// Emptied per-stage state vectors of ended streams, for new streams
     /// (at most [`SPARE_STREAMS`]): a stream then allocates nothing for them.
     spare: Vec<Vec<Option<S::Stream>>>,
-    /// The last request's header index and change buffers, for the next.
+    /// The last request's change buffers, for the next.
     spare_request: Spare,
     /// Whether the module exports `proxy_on_grpc_receive`/`_close` (and
     /// the request body callback that keeps a held request's body back).
@@ -165,7 +165,6 @@ impl<S: Stage> Vm<S> {
             }
         }
         req.apply(spare_request);
-        spare_request.keep_entries(headers);
         Some(outcome)
     }
 
