@@ -117,11 +117,13 @@ impl Spare {
     pub const fn new() -> Spare {
         Spare { writes: None }
     }
+}
 
-    /// The request headers of the current stream, read with one hostcall.
-    pub(crate) fn request_headers(&mut self) -> HeaderMap {
-        HeaderMap::parse(abi::get_header_pairs(Map::RequestHeaders).unwrap_or_default())
-    }
+/// Every header of one of the host's maps, read with one hostcall (empty
+/// when the host has none to give).
+#[inline]
+pub(crate) fn read_header_map(map: Map) -> HeaderMap {
+    HeaderMap::parse(abi::get_header_pairs(map).unwrap_or_default())
 }
 
 /// The request as the stages see it, and what they change.
@@ -400,7 +402,7 @@ impl HttpCallResponse {
     /// The answer's headers (one hostcall). No `:status` means the call
     /// failed (timeout, reset, no healthy host).
     pub fn headers(&self) -> HeaderMap {
-        HeaderMap::parse(abi::get_header_pairs(Map::HttpCallResponseHeaders).unwrap_or_default())
+        read_header_map(Map::HttpCallResponseHeaders)
     }
     /// The answer's body.
     pub fn body(&self) -> Vec<u8> {

@@ -15,7 +15,8 @@ use meshpatterns_core::ConfigError;
 use crate::abi;
 use crate::slots::Slots;
 use crate::stage::{
-    Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Spare, Stage, StreamState,
+    read_header_map, Body, BodyFlow, GrpcResponse, HttpCallResponse, LocalReply, Pipeline, Request, RequestOutcome, Response, Spare, Stage,
+    StreamState,
 };
 
 /// How many emptied per-stream vectors a VM keeps for new streams.
@@ -154,7 +155,7 @@ impl<S: Stage> Vm<S> {
         let mut guard = vm.borrow_mut();
         let Vm { streams, grpc_calls, spare_request, grpc, .. } = &mut *guard;
         let stream = streams.get_mut(id)?;
-        let headers = spare_request.request_headers();
+        let headers = read_header_map(abi::Map::RequestHeaders);
         let mut req = Request::reusing(&headers, id, spare_request);
         req.grpc = *grpc;
         let outcome = f(&stream.root, &mut req, &mut stream.state);
